@@ -1,0 +1,1 @@
+"""The `loraforge` launcher: renders and submits Jobs. Imports no torch (a test enforces it)."""
