@@ -145,5 +145,5 @@ def s3_bucket(s3_env: SeaweedS3) -> str:
     import boto3
 
     name = f"t-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=name)
+    boto3.session.Session().client("s3", region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"

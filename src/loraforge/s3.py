@@ -56,7 +56,9 @@ class S3Backend:
         read_timeout: float = 60.0,
     ) -> None:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        self.client = boto3.client(
+        # a session of its own: boto3's default session caches credentials for the process
+        session = boto3.session.Session()
+        self.client = session.client(
             "s3", region_name=region, config=client_config(max_attempts, read_timeout)
         )
         self.transfer = TransferConfig(
