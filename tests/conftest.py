@@ -49,31 +49,60 @@ class SeaweedS3:
 
     def start(self) -> None:
         if not self.ports:
-            names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-                     "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
-                     "s3.port.iceberg", "webdav.port", "admin.port", "admin.port.grpc",
-                     "metricsPort"]
+            names = [
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port",
+                "s3.port.grpc",
+                "s3.port.iceberg",
+                "webdav.port",
+                "admin.port",
+                "admin.port.grpc",
+                "metricsPort",
+            ]
             self.ports = {name: free_port() for name in names}
         config = self.root / "s3.json"
-        identity = {"name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        identity = {
+            "name": "test",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
         config.write_text(json.dumps({"identities": [identity]}))
-        args = [weed_binary(), "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", "-admin.ui=false", "-s3.autoCreateBucket=false",
-                "-master.telemetry=false", f"-s3.config={config}"]
+        args = [
+            weed_binary(),
+            "mini",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+            "-s3.autoCreateBucket=false",
+            "-master.telemetry=false",
+            f"-s3.config={config}",
+        ]
         args += [f"-{name}={port}" for name, port in self.ports.items()]
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         log = (self.root / "weed.log").open("ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         import boto3
         from botocore.config import Config
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                              aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                              config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2))
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2),
+        )
         deadline = time.monotonic() + timeout
         while True:
             assert self.proc is not None and self.proc.poll() is None, self.log_tail()
@@ -84,7 +113,9 @@ class SeaweedS3:
                 return
             except Exception:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("SeaweedFS S3 did not come up:\n" + self.log_tail()) from None
+                    raise RuntimeError(
+                        "SeaweedFS S3 did not come up:\n" + self.log_tail()
+                    ) from None
                 time.sleep(0.3)
 
     def log_tail(self) -> str:
@@ -132,7 +163,12 @@ def s3_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> SeaweedS3:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")

@@ -15,15 +15,23 @@ def run_cli(*args: str, block_torch: bool = True) -> subprocess.CompletedProcess
     code = (NO_TORCH if block_torch else "") + (
         "from loraforge.launcher.cli import main; main(sys.argv[1:])"
     )
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
 
 
 def test_launcher_imports_without_torch() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", NO_TORCH + "import loraforge.launcher.cli, loraforge.settings, "
-         "loraforge.store, loraforge.s3, loraforge.manifest; print('ok')"],
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            NO_TORCH + "import loraforge.launcher.cli, loraforge.settings, "
+            "loraforge.store, loraforge.s3, loraforge.manifest; print('ok')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
 
@@ -31,7 +39,9 @@ def test_launcher_imports_without_torch() -> None:
 def test_check_validates_a_shipped_spec_without_torch() -> None:
     done = run_cli("check", "train", "--env-file", "jobs/train.env")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["output"] == "s3://loraforge-artifacts/runs/qwen05-gsm8k-lora/train"
+    assert (
+        json.loads(done.stdout)["output"] == "s3://loraforge-artifacts/runs/qwen05-gsm8k-lora/train"
+    )
 
 
 def test_check_refuses_a_typo_with_exit_2(tmp_path: Path) -> None:

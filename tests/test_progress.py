@@ -35,4 +35,8 @@ def test_progress_text_is_one_readable_line(monkeypatch) -> None:  # type: ignor
 
 
 def test_eta_format() -> None:
-    assert (format_eta(59), format_eta(61), format_eta(3 * 3600 + 120)) == ("0m59s", "1m01s", "3h02m")
+    assert (format_eta(59), format_eta(61), format_eta(3 * 3600 + 120)) == (
+        "0m59s",
+        "1m01s",
+        "3h02m",
+    )

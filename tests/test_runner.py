@@ -49,8 +49,12 @@ ENV = {"LORAFORGE_BASE_MODEL": "tiny", "LORAFORGE_DATA": "d.jsonl", "LORAFORGE_L
 def start(mode: str, tmp_path: Path, **env: str) -> subprocess.Popen[str]:
     full = {**os.environ, **ENV, **env, "AWS_SECRET_ACCESS_KEY": "never-print-this-0987"}
     return subprocess.Popen(
-        [sys.executable, "-c", JOB, mode, str(tmp_path / "hook")], env=full, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        [sys.executable, "-c", JOB, mode, str(tmp_path / "hook")],
+        env=full,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
     )
 
 
@@ -62,9 +66,11 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, list[dict[str, object]]]:
 
 @pytest.mark.parametrize(
     ("mode", "code", "message"),
-    [("permanent", EXIT_PERMANENT, "data.jsonl:3: not JSON; fix the line"),
-     ("transient", EXIT_TRANSIENT, "s3://bkt/x: S3 endpoint unreachable after retries"),
-     ("crash", 1, "unexpected error: ZeroDivisionError: boom")],
+    [
+        ("permanent", EXIT_PERMANENT, "data.jsonl:3: not JSON; fix the line"),
+        ("transient", EXIT_TRANSIENT, "s3://bkt/x: S3 endpoint unreachable after retries"),
+        ("crash", 1, "unexpected error: ZeroDivisionError: boom"),
+    ],
 )
 def test_errors_map_to_exit_codes_with_one_json_line(
     tmp_path: Path, mode: str, code: int, message: str
@@ -101,7 +107,9 @@ def test_text_logs_are_readable_lines(tmp_path: Path) -> None:
     proc = start("permanent", tmp_path, LORAFORGE_LOG_FORMAT="text")
     _, err = proc.communicate(timeout=60)
     last = err.strip().splitlines()[-1]
-    assert "error" in last and last.endswith("error   data.jsonl:3: not JSON; fix the line  exit_code=2")
+    assert "error" in last and last.endswith(
+        "error   data.jsonl:3: not JSON; fix the line  exit_code=2"
+    )
     assert not last.startswith("{")
 
 
@@ -109,9 +117,13 @@ def test_the_console_scripts_are_installed_and_validate_first(tmp_path: Path) ->
     bindir = Path(sys.executable).parent
     for job in ("train", "edit", "eval"):
         env = {**os.environ, "LORAFORGE_LOG_FORMAT": "json", "LORAFORGE_RANK": "0"}
-        env = {k: v for k, v in env.items() if not k.startswith("LORAFORGE_") or k in
-               ("LORAFORGE_LOG_FORMAT", "LORAFORGE_RANK")}
-        done = subprocess.run([bindir / f"loraforge-{job}"], env=env, capture_output=True,
-                              text=True, timeout=60)
+        env = {
+            k: v
+            for k, v in env.items()
+            if not k.startswith("LORAFORGE_") or k in ("LORAFORGE_LOG_FORMAT", "LORAFORGE_RANK")
+        }
+        done = subprocess.run(
+            [bindir / f"loraforge-{job}"], env=env, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == EXIT_PERMANENT
         assert "LORAFORGE_BASE_MODEL is required" in done.stderr

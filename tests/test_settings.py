@@ -26,8 +26,14 @@ BASE = {"LORAFORGE_BASE_MODEL": "Qwen/Qwen2.5-0.5B", "LORAFORGE_DATA": "data/tra
 
 
 def test_values_are_read_from_the_given_environment() -> None:
-    env = {**BASE, "LORAFORGE_RANK": "8", "LORAFORGE_METHOD": "dora", "LORAFORGE_PACKING": "false",
-           "LORAFORGE_RUN_ID": "exp-7", "LORAFORGE_STORE": "s3://team-bucket/runs"}
+    env = {
+        **BASE,
+        "LORAFORGE_RANK": "8",
+        "LORAFORGE_METHOD": "dora",
+        "LORAFORGE_PACKING": "false",
+        "LORAFORGE_RUN_ID": "exp-7",
+        "LORAFORGE_STORE": "s3://team-bucket/runs",
+    }
     settings = load_settings(TrainSettings, env)
     assert (settings.rank, settings.method, settings.packing) == (8, "dora", False)
     assert settings.output_uri == "s3://team-bucket/runs/exp-7/train"
@@ -39,8 +45,11 @@ def test_explicit_output_wins_over_the_derived_one() -> None:
 
 
 def test_typo_is_rejected_with_a_suggestion() -> None:
-    with pytest.raises(PermanentError, match=r"LORAFORGE_RNAK is not a setting of the train job "
-                       r"\(did you mean LORAFORGE_RANK\?\)"):
+    with pytest.raises(
+        PermanentError,
+        match=r"LORAFORGE_RNAK is not a setting of the train job "
+        r"\(did you mean LORAFORGE_RANK\?\)",
+    ):
         load_settings(TrainSettings, {**BASE, "LORAFORGE_RNAK": "8"})
 
 
@@ -50,16 +59,23 @@ def test_other_jobs_settings_are_unknown_here() -> None:
 
 
 def test_every_problem_is_reported_in_one_message() -> None:
-    env = {"LORAFORGE_DATA": "x.jsonl", "LORAFORGE_RANK": "0", "LORAFORGE_QUANTIZATION": "fp4",
-           "LORAFORGE_RNAK": "8"}
+    env = {
+        "LORAFORGE_DATA": "x.jsonl",
+        "LORAFORGE_RANK": "0",
+        "LORAFORGE_QUANTIZATION": "fp4",
+        "LORAFORGE_RNAK": "8",
+    }
     with pytest.raises(PermanentError) as err:
         load_settings(TrainSettings, env)
     message = str(err.value)
     assert message.startswith("train settings: 4 problems: ")
     assert "\n" not in message
-    for part in ("LORAFORGE_RANK=0: input should be greater than or equal to 1",
-                 "LORAFORGE_QUANTIZATION=fp4: input should be 'auto', 'none', 'nf4' or 'int8'",
-                 "LORAFORGE_BASE_MODEL is required", "did you mean LORAFORGE_RANK?"):
+    for part in (
+        "LORAFORGE_RANK=0: input should be greater than or equal to 1",
+        "LORAFORGE_QUANTIZATION=fp4: input should be 'auto', 'none', 'nf4' or 'int8'",
+        "LORAFORGE_BASE_MODEL is required",
+        "did you mean LORAFORGE_RANK?",
+    ):
         assert part in message
 
 
@@ -85,12 +101,17 @@ def test_os_environ_is_the_default_source(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_env_file_is_parsed_like_the_pod_environment(tmp_path: Path) -> None:
     spec = tmp_path / "train.env"
-    spec.write_text('# a comment\nLORAFORGE_BASE_MODEL="Qwen/Qwen2.5-0.5B"\n\n'
-                    "export LORAFORGE_DATA=data/train.jsonl  # trailing comment\n"
-                    "LORAFORGE_RANK='32'\n")
+    spec.write_text(
+        '# a comment\nLORAFORGE_BASE_MODEL="Qwen/Qwen2.5-0.5B"\n\n'
+        "export LORAFORGE_DATA=data/train.jsonl  # trailing comment\n"
+        "LORAFORGE_RANK='32'\n"
+    )
     settings = load_settings(TrainSettings, read_env_file(spec))
     assert (settings.base_model, settings.data, settings.rank) == (
-        "Qwen/Qwen2.5-0.5B", "data/train.jsonl", 32)
+        "Qwen/Qwen2.5-0.5B",
+        "data/train.jsonl",
+        32,
+    )
 
 
 def test_env_file_syntax_error_names_file_and_line(tmp_path: Path) -> None:
@@ -108,8 +129,9 @@ class SecretSettings(JobSettings):
 
 def test_secrets_never_appear_in_a_dump_or_a_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-very-secret-1234")
-    settings = load_settings(SecretSettings, {"LORAFORGE_BASE_MODEL": "m",
-                                              "LORAFORGE_API_KEY": "sk-live-abcdef123456"})
+    settings = load_settings(
+        SecretSettings, {"LORAFORGE_BASE_MODEL": "m", "LORAFORGE_API_KEY": "sk-live-abcdef123456"}
+    )
     dump = json.dumps(settings.redacted())
     assert "sk-live-abcdef123456" not in dump and '"api_key": "***"' in dump
 
@@ -127,8 +149,10 @@ def test_secrets_never_appear_in_a_dump_or_a_log_line(monkeypatch: pytest.Monkey
 
 def test_a_bad_secret_value_is_not_echoed() -> None:
     with pytest.raises(PermanentError) as err:
-        load_settings(SecretSettings, {"LORAFORGE_BASE_MODEL": "m", "LORAFORGE_API_KEY": "",
-                                       "LORAFORGE_DEVICE": "tpu"})
+        load_settings(
+            SecretSettings,
+            {"LORAFORGE_BASE_MODEL": "m", "LORAFORGE_API_KEY": "", "LORAFORGE_DEVICE": "tpu"},
+        )
     assert "LORAFORGE_DEVICE=tpu" in str(err.value)
 
 
@@ -138,16 +162,18 @@ def test_every_field_is_documented(job: str) -> None:
         assert info.description, f"LORAFORGE_{name.upper()} has no docstring"
 
 
-@pytest.mark.parametrize("spec", sorted(Path(__file__).parents[1].glob("jobs/*.env")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "spec", sorted(Path(__file__).parents[1].glob("jobs/*.env")), ids=lambda p: p.name
+)
 def test_shipped_job_specs_validate(spec: Path) -> None:
     job = spec.name.split(".")[0].split("-")[0]
     settings = load_settings(JOB_SETTINGS[job], read_env_file(spec))
     assert settings.job == job
 
 
-@pytest.mark.parametrize("spec", sorted(Path(__file__).parents[1].glob("jobs/*.env")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "spec", sorted(Path(__file__).parents[1].glob("jobs/*.env")), ids=lambda p: p.name
+)
 def test_shipped_spec_comments_are_the_field_docs(spec: Path) -> None:
     from loraforge.settings.spec import field_comment, spec_comments
 
@@ -156,4 +182,4 @@ def test_shipped_spec_comments_are_the_field_docs(spec: Path) -> None:
     assert comments, f"{spec} sets nothing"
     for env_name, block in comments.items():
         field = cls.env_names()[env_name]
-        assert block[-len(field_comment(cls, field)):] == field_comment(cls, field), env_name
+        assert block[-len(field_comment(cls, field)) :] == field_comment(cls, field), env_name

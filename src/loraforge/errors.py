@@ -32,7 +32,7 @@ class TransientError(LoraforgeError):
     exit_code = EXIT_TRANSIENT
 
 
-class Terminated(LoraforgeError):  # noqa: N818 - it is a signal, not an error
+class Terminated(LoraforgeError):
     """SIGTERM arrived (preemption, node drain, `kubectl delete`)."""
 
     exit_code = EXIT_TERMINATED

@@ -61,7 +61,9 @@ class Manifest:
             raise IntegrityError(f"{source}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
         try:
             data = json.loads(raw)
-            files = [FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"]]
+            files = [
+                FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"]
+            ]
             manifest = cls(**{**data, "files": files})
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"{source}: not a valid loraforge manifest ({exc})") from exc
@@ -87,7 +89,9 @@ def check_relative_path(path: str, source: str) -> None:
     if bad:
         raise IntegrityError(f"{source}: unsafe file path {path!r} in manifest")
     if pure.name == MANIFEST_NAME:
-        raise IntegrityError(f"{source}: {MANIFEST_NAME} is reserved and cannot be an artifact file")
+        raise IntegrityError(
+            f"{source}: {MANIFEST_NAME} is reserved and cannot be an artifact file"
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -99,7 +103,7 @@ def sha256_file(path: Path) -> str:
 
 
 def scan_directory(root: Path) -> list[FileEntry]:
-    """Entries for every file under `root`; symlinks, special files and the manifest name refused."""
+    """Entries for every file under `root`; symlinks, special files, the manifest name refused."""
     if not root.is_dir():
         raise PermanentError(f"{root}: not a directory, nothing to publish")
     entries = []

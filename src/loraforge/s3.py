@@ -14,16 +14,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     NoCredentialsError,
     PartialCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 
 from loraforge.errors import ArtifactExistsError, PermanentError, TransientError
@@ -31,8 +32,15 @@ from loraforge.manifest import MANIFEST_NAME, Manifest
 from loraforge.uri import ArtifactUri
 
 MIB = 2**20
-_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-               "InvalidToken", "AllAccessDisabled", "403"}
+_AUTH_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+    "403",
+}
 
 
 def client_config(max_attempts: int | None = None, read_timeout: float = 60.0) -> Config:
@@ -83,13 +91,18 @@ class S3Backend:
         with s3_errors(uri):
             for entry in manifest.files:
                 self.client.upload_file(
-                    str(src / entry.path), uri.bucket, data.child(entry.path).key,
+                    str(src / entry.path),
+                    uri.bucket,
+                    data.child(entry.path).key,
                     Config=self.transfer,
                 )
             try:
                 self.client.put_object(
-                    Bucket=uri.bucket, Key=uri.child(MANIFEST_NAME).key,
-                    Body=manifest.to_bytes(), IfNoneMatch="*", ContentType="application/json",
+                    Bucket=uri.bucket,
+                    Key=uri.child(MANIFEST_NAME).key,
+                    Body=manifest.to_bytes(),
+                    IfNoneMatch="*",
+                    ContentType="application/json",
                 )
             except ClientError as exc:
                 if _code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
@@ -178,5 +191,3 @@ def _client_error(uri: ArtifactUri, exc: ClientError) -> Exception:
 
 
 __all__ = ["S3Backend", "client_config", "s3_errors"]
-
-

@@ -239,7 +239,9 @@ def _verify_all(root: Path, manifest: Manifest, uri: str) -> None:
     extra = [
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.is_file() and p.name != MANIFEST_NAME and p.relative_to(root).as_posix() not in expected
+        if p.is_file()
+        and p.name != MANIFEST_NAME
+        and p.relative_to(root).as_posix() not in expected
     ]
     if extra:
         raise IntegrityError(f"{uri}: files not in the manifest: {', '.join(sorted(extra)[:5])}")

@@ -26,7 +26,10 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     from loraforge.tiny import make_tiny  # torch, only here
 
     kit = make_tiny(
-        Path(args.dir), arch=args.arch, seed=args.seed, pretrain_steps=args.pretrain_steps,
+        Path(args.dir),
+        arch=args.arch,
+        seed=args.seed,
+        pretrain_steps=args.pretrain_steps,
         force=args.force,
     )
     print(json.dumps({k: str(v) for k, v in vars(kit).items()}, indent=2))
@@ -77,12 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("make-tiny", help="write a tiny causal LM, tokenizer and GSM8K-style data")
+    tiny = sub.add_parser(
+        "make-tiny", help="write a tiny causal LM, tokenizer and GSM8K-style data"
+    )
     tiny.add_argument("dir")
     tiny.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--pretrain-steps", type=int, default=None,
-                      help="full-parameter warm-up steps of the base (0: random init)")
+    tiny.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        help="full-parameter warm-up steps of the base (0: random init)",
+    )
     tiny.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     tiny.set_defaults(func=cmd_make_tiny)
 

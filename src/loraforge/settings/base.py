@@ -135,7 +135,7 @@ class JobSettings(BaseSettings):
         return init_settings, _MappingEnvSource(settings_cls)
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as JSON-able data, secrets replaced by `***`: safe for logs and manifests."""
+        """The settings as JSON-able data, secrets replaced by `***`: for logs and manifests."""
         data = self.model_dump(mode="json")
         for name, value in self:
             if isinstance(value, SecretStr):
@@ -183,7 +183,7 @@ def load_settings(cls: type[S], environ: Mapping[str, str] | None = None) -> S:
     try:
         settings = cls()
     except ValidationError as exc:
-        problems += [_describe(cls, err) for err in exc.errors()]  # type: ignore[arg-type]
+        problems += [_describe(cls, err) for err in exc.errors()]
         settings = None
     finally:
         _ENVIRON.reset(token)
