@@ -183,3 +183,11 @@ def test_shipped_spec_comments_are_the_field_docs(spec: Path) -> None:
     for env_name, block in comments.items():
         field = cls.env_names()[env_name]
         assert block[-len(field_comment(cls, field)) :] == field_comment(cls, field), env_name
+
+
+def test_readme_settings_tables_match_the_classes() -> None:
+    from loraforge.settings.spec import settings_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for cls in (JobSettings, *JOB_SETTINGS.values()):
+        assert settings_table(cls) in readme, f"README table of {cls.job} is stale"

@@ -40,3 +40,21 @@ def spec_comments(text: str) -> dict[str, list[str]]:
         else:
             block = []
     return found
+
+
+def settings_table(cls: type[JobSettings]) -> str:
+    """A Markdown table of the settings `cls` adds to its base (README; the suite checks it)."""
+    inherited = cls.__mro__[1].model_fields if cls is not JobSettings else {}
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, info in cls.model_fields.items():
+        if name in inherited:
+            continue
+        if info.is_required():
+            default = "*required*"
+        elif info.default_factory is not None:
+            default = "*generated*" if name == "run_id" else f"`{info.default_factory()}`"  # type: ignore[call-arg]
+        else:
+            default = f"`{info.default}`" if info.default is not None else "-"
+        doc = " ".join((info.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{PREFIX}{name.upper()}` | {default} | {doc} |")
+    return "\n".join(rows)
