@@ -67,7 +67,7 @@ $(TOOLS_VENV)/.installed:
 tools: $(TOOLS_VENV)/.installed
 
 policy: tools setup
-	$(TOOLS_VENV)/bin/checkov --quiet --compact -d k8s --framework kubernetes
+	$(TOOLS_VENV)/bin/checkov --quiet --compact --skip-download -d k8s --framework kubernetes
 	$(BIN)/hadolint Dockerfile
 
 clean:

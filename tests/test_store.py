@@ -83,6 +83,28 @@ def test_publish_then_fetch_returns_identical_verified_files(root: str, tmp_path
     assert artifact.manifest.job == "train" and artifact.manifest.versions["loraforge"]
 
 
+def test_fetch_is_idempotent_and_the_copy_is_an_artifact(root: str, tmp_path: Path) -> None:
+    uri = f"{root}/run-1/train"
+    store.publish(make_dir(tmp_path / "a", adapter_files()), uri, job="train", run_id="r")
+    first = store.fetch(uri, tmp_path / "out")
+    again = store.fetch(uri, tmp_path / "out")  # a restarted job fetches into the same place
+    assert again.path == first.path == tmp_path / "out"
+    assert store.fetch(str(tmp_path / "out")).manifest == first.manifest
+
+
+@pytest.mark.s3
+def test_s3_fetch_without_dest_uses_the_cache(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    uri = f"{s3_bucket}/cached"
+    store.publish(make_dir(tmp_path / "a", adapter_files()), uri, job="train", run_id="r")
+    artifact = store.fetch(uri)
+    assert artifact.path.parent == tmp_path / "cache" / "artifacts"
+    assert artifact.path.name == hashlib.sha256(artifact.manifest_bytes).hexdigest()
+    assert store.fetch(uri).path == artifact.path
+
+
 def test_second_publish_is_refused_and_first_stays_intact(root: str, tmp_path: Path) -> None:
     uri = f"{root}/run-1/train"
     store.publish(make_dir(tmp_path / "a", adapter_files(b"a")), uri, job="train", run_id="r")

@@ -85,10 +85,12 @@ class LocalBackend:
     def download(self, uri: ArtifactUri, manifest: Manifest, dest: Path) -> None:
         for entry in manifest.files:
             (dest / entry.path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(uri.path / manifest.data_prefix / entry.path, dest / entry.path)
+            shutil.copyfile(uri.path / entry.path, dest / entry.path)
 
     def local_path(self, uri: ArtifactUri, manifest: Manifest) -> Path | None:
-        return uri.path / manifest.data_prefix
+        # always the plain layout: `data_prefix` is where an S3 original kept the files, and a
+        # local copy keeps the original manifest bytes so its sha256 still names the source
+        return uri.path
 
     def list_manifests(self, prefix: ArtifactUri) -> list[ArtifactUri]:
         root = prefix.path
@@ -221,15 +223,23 @@ def fetch(uri: str, dest: str | Path | None = None, **options: Any) -> Artifact:
             _verify_all(local, manifest, uri)
             return Artifact(uri, manifest, raw, local)
         dest = default_cache_dir() / manifest_digest(raw)
-        if dest.is_dir():
-            _verify_all(dest, manifest, uri)
-            return Artifact(uri, manifest, raw, dest)
     dest = Path(dest)
+    if _read_or_none(dest / MANIFEST_NAME) == raw:  # fetched before (a restarted job)
+        _verify_all(dest, manifest, uri)
+        return Artifact(uri, manifest, raw, dest)
     with _staging_beside(dest) as staging:
         backend.download(target, manifest, staging)
         _verify_all(staging, manifest, uri)
+        (staging / MANIFEST_NAME).write_bytes(raw)  # the copy is an artifact directory too
         _rename_noreplace(staging, dest, str(dest))
     return Artifact(uri, manifest, raw, dest)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _verify_all(root: Path, manifest: Manifest, uri: str) -> None:
