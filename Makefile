@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 JOB         ?= jobs/train.env
 DEMO_DIR    ?= .loraforge/demo
 
-.PHONY: image setup test test-s3 test-slow test-gpu test-all demo lint fmt typecheck policy tools clean
+.PHONY: docs image setup test test-s3 test-slow test-gpu test-all demo lint fmt typecheck policy tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,3 +76,7 @@ clean:
 IMAGE ?= loraforge:dev
 image:
 	docker build -t $(IMAGE) .
+
+# Regenerate the README's settings tables and the job specs' comments from the field docs.
+docs: setup
+	$(BIN)/python -m loraforge.settings.spec

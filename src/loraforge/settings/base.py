@@ -162,7 +162,12 @@ def unknown_names(cls: type[JobSettings], environ: Mapping[str, str]) -> list[st
 
 
 def _describe(cls: type[JobSettings], error: Mapping[str, Any]) -> str:
-    loc = error.get("loc") or ("?",)
+    msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if msg[:2].istitle():  # "Input should be ..." reads "input should be ..." after a colon
+        msg = msg[0].lower() + msg[1:]
+    loc = error.get("loc") or ()
+    if not loc:  # a check across fields: its message names the variables itself
+        return msg
     field = str(loc[0])
     env = PREFIX + field.upper()
     info = cls.model_fields.get(field)
@@ -171,8 +176,7 @@ def _describe(cls: type[JobSettings], error: Mapping[str, Any]) -> str:
         return f"{env} is required ({doc})" if doc else f"{env} is required"
     secret = info is not None and info.annotation in (SecretStr, SecretStr | None)
     value = "***" if secret else error.get("input")
-    msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-    return f"{env}={value}: {msg[0].lower() + msg[1:] if msg else msg}"
+    return f"{env}={value}: {msg}"
 
 
 def load_settings(cls: type[S], environ: Mapping[str, str] | None = None) -> S:

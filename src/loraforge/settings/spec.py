@@ -7,6 +7,7 @@ docs, so a setting is documented once, under its field.
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 from collections.abc import Mapping
 
 from loraforge.settings.base import PREFIX, JobSettings
@@ -58,3 +59,35 @@ def settings_table(cls: type[JobSettings]) -> str:
         doc = " ".join((info.description or "").split()).replace("|", "\\|")
         rows.append(f"| `{PREFIX}{name.upper()}` | {default} | {doc} |")
     return "\n".join(rows)
+
+
+def refresh_spec(path: Path) -> None:
+    """Rewrite a shipped spec's comments from the field docs, keeping its title and values."""
+    from loraforge.settings import JOB_SETTINGS
+    from loraforge.settings.base import read_env_file
+
+    cls = JOB_SETTINGS[path.name.split(".")[0].split("-")[0]]
+    title = path.read_text().splitlines()[0].removeprefix("# ")
+    values = {cls.env_names()[k]: v for k, v in read_env_file(path).items()}
+    path.write_text(render_spec(cls, values, title))
+
+
+def refresh_readme(path: Path) -> None:
+    """Replace the README's settings tables (between the markers) with fresh ones."""
+    from loraforge.settings import JOB_SETTINGS
+
+    parts = ["### Every job", "", settings_table(JobSettings), ""]
+    for job, cls in JOB_SETTINGS.items():
+        parts += [f"### {job} (`loraforge-{job}`)", "", settings_table(cls), ""]
+    text = path.read_text()
+    start, end = "<!-- settings-tables:start -->\n", "<!-- settings-tables:end -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(head + start + "\n".join(parts) + end + tail)
+
+
+if __name__ == "__main__":  # python -m loraforge.settings.spec: refresh README and jobs/*.env
+    root = Path.cwd()
+    refresh_readme(root / "README.md")
+    for spec in sorted((root / "jobs").glob("*.env")):
+        refresh_spec(spec)

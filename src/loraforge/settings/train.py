@@ -1,35 +1,151 @@
-"""Settings of the train job (`loraforge-train`). Issue #4 grows this class; names are pinned
-by the design (LORAFORGE_DATA, _VAL_DATA, _METHOD, _RANK, _QUANTIZATION, _PACKING, _MAX_STEPS)."""
+"""Settings of the train job (`loraforge-train`). Names pinned by the design: LORAFORGE_DATA,
+_VAL_DATA, _METHOD, _RANK, _QUANTIZATION, _PACKING, _MAX_STEPS; the rest follow PEFT/HF names."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from loraforge.settings.base import JobSettings
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _parse_pattern(value: object) -> object:
+    """`name=value,name=value` (PEFT rank_pattern/alpha_pattern keys: regex on module names)."""
+    if not isinstance(value, str):
+        return value
+    pattern: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        key, sep, number = item.partition("=")
+        if not sep or not key.strip() or not number.strip():
+            raise ValueError(f"expected name=number pairs separated by commas, got {item!r}")
+        pattern[key.strip()] = number.strip()
+    return pattern
 
 
 class TrainSettings(JobSettings):
     job: ClassVar[str] = "train"
 
     data: str = Field(min_length=1)
-    """Training data: a JSONL path, `s3://` URI or `hf://dataset[:config]/split`."""
+    """Training data: a JSONL path, `s3://` URI or `hf://dataset[:config]/split`. Records are
+    instruction/input/output, prompt/completion, question/answer, messages (chat) or text."""
 
     val_data: str | None = None
-    """Validation data (same forms as LORAFORGE_DATA); default: a fraction held out of the data."""
+    """Validation data (same forms as LORAFORGE_DATA); default: LORAFORGE_VAL_FRACTION of the data."""
+
+    val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Fraction of the training data held out for validation when LORAFORGE_VAL_DATA is unset."""
 
     method: Literal["lora", "dora", "bidora"] = "lora"
-    """Adapter method: `lora` (rsLoRA scaling by default), `dora`, or bi-level `bidora`."""
+    """Adapter method: `lora`, `dora` (weight-decomposed), or bi-level `bidora`."""
 
     rank: int = Field(default=16, ge=1, le=1024)
-    """LoRA rank r of every adapted module."""
+    """LoRA rank r of every adapted module (LORAFORGE_RANK_PATTERN overrides per module)."""
+
+    alpha: float = Field(default=32.0, gt=0)
+    """LoRA alpha: the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA."""
+
+    rslora: bool = True
+    """Rank-stabilised scaling alpha/sqrt(r) (the seed's default)."""
+
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+
+    target_modules: Annotated[list[str], NoDecode] = Field(default_factory=lambda: DEFAULT_TARGETS)
+    """Comma-separated module names to adapt (e.g. q_proj,v_proj), or `all-linear`."""
+
+    rank_pattern: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    """Per-module ranks as `regex=rank,...` on full module names (PEFT rank_pattern)."""
+
+    alpha_pattern: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
+    """Per-module alphas as `regex=alpha,...` on full module names (PEFT alpha_pattern)."""
 
     quantization: Literal["auto", "none", "nf4", "int8"] = "auto"
-    """Base weights: `none` (bf16/fp32), bitsandbytes `nf4` or `int8`; `auto` sizes for the GPU."""
+    """Base weights: `none`, bitsandbytes `nf4` (QLoRA, double quant) or `int8`; `auto` picks
+    through the VRAM estimator on a GPU and `none` on the CPU."""
+
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute dtype of the base: `auto` is bf16 on GPUs that support it, fp16 on older GPUs,
+    fp32 on the CPU."""
 
     packing: bool = True
-    """Pack sequences padding-free, attention isolated per sequence."""
+    """Padding-free packing: the micro-batch's sequences are concatenated into one row with
+    attention kept within each sequence. `false` pads them to the longest instead."""
+
+    max_seq_len: int = Field(default=2048, ge=8)
+    """Longest tokenized example (prompt + response); longer ones are an error, not truncated."""
+
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Sequences per forward/backward pass."""
+
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step (effective batch = micro_batch_size x grad_accum)."""
 
     max_steps: int = Field(default=1000, ge=1)
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (the data is cycled in reshuffled epochs)."""
+
+    learning_rate: float = Field(default=2e-4, gt=0)
+    """Peak AdamW learning rate."""
+
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
+
+    warmup_steps: int = Field(default=-1, ge=-1)
+    """Linear warmup steps before the cosine decay; -1 means 3% of LORAFORGE_MAX_STEPS."""
+
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    """Gradient clipping by global norm; 0 disables."""
+
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Recompute activations in the backward pass; `auto` turns it on when sizing needs it."""
+
+    seed: int = 0
+    """Seed for initialisation, data order and dropout (runs are deterministic on the CPU)."""
+
+    eval_interval: int = Field(default=100, ge=0)
+    """Steps between validation-loss evaluations; 0: only at the end."""
+
+    checkpoint_interval: int = Field(default=100, ge=0)
+    """Steps between checkpoints; 0 disables step-based checkpoints."""
+
+    checkpoint_seconds: float = Field(default=900.0, ge=0)
+    """Seconds between checkpoints; 0 disables time-based checkpoints."""
+
+    checkpoints: str | None = None
+    """Where checkpoints are published; default `<LORAFORGE_OUTPUT>-checkpoints`."""
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, value: object) -> object:
+        value = _split_list(value)
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module (e.g. q_proj,v_proj) or all-linear")
+        return value
+
+    @field_validator("rank_pattern", "alpha_pattern", mode="before")
+    @classmethod
+    def _pattern(cls, value: object) -> object:
+        return _parse_pattern(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSettings:
+        if any(r < 1 for r in self.rank_pattern.values()):
+            raise ValueError("LORAFORGE_RANK_PATTERN: every rank must be >= 1")
+        return self
+
+    @property
+    def checkpoints_uri(self) -> str:
+        return self.checkpoints or f"{self.output_uri.rstrip('/')}-checkpoints"
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps >= 0 else round(0.03 * self.max_steps)
