@@ -7,8 +7,8 @@ docs, so a setting is documented once, under its field.
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 
 from loraforge.settings.base import PREFIX, JobSettings
 

@@ -40,7 +40,7 @@ class TrainSettings(JobSettings):
     instruction/input/output, prompt/completion, question/answer, messages (chat) or text."""
 
     val_data: str | None = None
-    """Validation data (same forms as LORAFORGE_DATA); default: LORAFORGE_VAL_FRACTION of the data."""
+    """Validation data (same forms as LORAFORGE_DATA); default: a LORAFORGE_VAL_FRACTION split."""
 
     val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
     """Fraction of the training data held out for validation when LORAFORGE_VAL_DATA is unset."""
