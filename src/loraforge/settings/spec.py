@@ -45,7 +45,7 @@ def spec_comments(text: str) -> dict[str, list[str]]:
 
 def settings_table(cls: type[JobSettings]) -> str:
     """A Markdown table of the settings `cls` adds to its base (README; the suite checks it)."""
-    inherited = cls.__mro__[1].model_fields if cls is not JobSettings else {}
+    inherited = JobSettings.model_fields if cls is not JobSettings else {}
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, info in cls.model_fields.items():
         if name in inherited:
