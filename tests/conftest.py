@@ -183,3 +183,11 @@ def s3_bucket(s3_env: SeaweedS3) -> str:
     name = f"t-{uuid.uuid4().hex[:12]}"
     boto3.session.Session().client("s3", region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_kit(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The make-tiny kit (pretrained base cached in ~/.cache/loraforge or $LORAFORGE_CACHE)."""
+    from loraforge.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "kit", n_train=400, n_val=40, n_test=40)

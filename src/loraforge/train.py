@@ -1,17 +1,287 @@
-"""The train job (`loraforge-train`): settings -> inputs -> run -> publish. Built in issue #4."""
+"""The train job (`loraforge-train`): settings -> data and model -> fit -> publish the adapter.
+
+Checkpoints (adapter, AdamW state, RNG, step) are published every LORAFORGE_CHECKPOINT_INTERVAL
+steps or LORAFORGE_CHECKPOINT_SECONDS, and on SIGTERM before exiting 143. A restarted job resumes
+from the newest checkpoint that verifies; the data order is a function of (seed, epoch), so the
+step alone says which micro-batches come next, and a resumed run ends with the same weights as
+an uninterrupted one.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from loraforge import checkpoint, data, packing, store
+from loraforge.checkpoint import TrainState
 from loraforge.errors import PermanentError
+from loraforge.logs import Progress
+from loraforge.manifest import input_record
+from loraforge.modeling import (
+    attach_adapter,
+    attention_backend,
+    base_model_path,
+    load_base_model,
+    load_tokenizer,
+    model_config,
+    resolve_device,
+    resolve_dtype,
+    resolve_quantization,
+)
 from loraforge.runner import JobContext, job_main
 from loraforge.settings import TrainSettings
 
+log = logging.getLogger("loraforge.train")
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at `total` (step counts from 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Trainer:
+    settings: TrainSettings
+    model: PeftModel
+    train_set: list[data.Example]
+    val_set: list[data.Example]
+    device: torch.device
+    dtype: torch.dtype
+    pad_token_id: int
+    ctx: JobContext
+    state: TrainState = field(default_factory=TrainState)
+
+    def __post_init__(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
+        )
+        self.attn = getattr(self.model.config, "_attn_implementation", "sdpa")
+        self.state.fingerprint = checkpoint.fingerprint(self.settings)
+        self._last_checkpoint = time.monotonic()
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def step_batches(self, step: int) -> list[packing.Batch]:
+        """The micro-batches of optimizer step `step` (a pure function of seed and step)."""
+        s = self.settings
+        per_epoch = len(packing.micro_batches(self.train_set, s.micro_batch_size, s.seed, 0))
+        batches = []
+        for k in range(s.grad_accum):
+            index = step * s.grad_accum + k
+            epoch, position = divmod(index, per_epoch)
+            chunk = packing.micro_batches(self.train_set, s.micro_batch_size, s.seed, epoch)
+            batches.append(self.collate([self.train_set[i] for i in chunk[position]]))
+        return batches
+
+    def collate(self, examples: list[data.Example]) -> packing.Batch:
+        if self.settings.packing:
+            batch = packing.collate_packed(examples, self.attn, self.dtype)
+        else:
+            batch = packing.collate_padded(examples, self.pad_token_id)
+        return batch.to(self.device)
+
+    # --- steps --------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step over `grad_accum` micro-batches; loss normalised by label tokens."""
+        self.model.train()
+        batches = self.step_batches(step)
+        n_labels = sum(b.n_label_tokens for b in batches)
+        total = 0.0
+        for batch in batches:
+            loss_sum, _ = packing.token_loss_sum(self.model, batch)
+            (loss_sum / n_labels).backward()
+            total += float(loss_sum.detach())
+        if self.settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad],
+                self.settings.max_grad_norm,
+            )
+        factor = lr_factor(step, self.settings.warmup, self.settings.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.learning_rate * factor
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / n_labels, sum(b.n_tokens for b in batches)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        if not self.val_set:
+            return None
+        self.model.eval()
+        loss, labels = 0.0, 0
+        size = self.settings.micro_batch_size
+        for start in range(0, len(self.val_set), size):
+            batch = self.collate(self.val_set[start : start + size])
+            loss_sum, n = packing.token_loss_sum(self.model, batch)
+            loss, labels = loss + float(loss_sum), labels + n
+        return loss / max(labels, 1)
+
+    # --- loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        s = self.settings
+        progress = Progress(log, total=s.max_steps, start_step=self.state.step)
+        window: list[float] = []
+        while self.state.step < s.max_steps:
+            loss, tokens = self.train_step(self.state.step)
+            self.state.step += 1
+            self.state.tokens_seen += tokens
+            window.append(loss)
+            step = self.state.step
+            lr = self.optimizer.param_groups[0]["lr"]
+            progress.update(step, tokens, force=step == s.max_steps, loss=loss, lr=lr)
+            if s.eval_interval and step % s.eval_interval == 0 and step < s.max_steps:
+                self.state.val_loss = self.validation_loss()
+                log.info(
+                    f"step {step}: val_loss {self.state.val_loss}",
+                    extra={"event": "eval", "step": step, "val_loss": self.state.val_loss},
+                )
+            self.state.train_loss = sum(window[-20:]) / len(window[-20:])
+            if self.ctx.stop.is_set():
+                self.publish_checkpoint()
+                self.ctx.check_stop()  # raises Terminated -> exit 143
+            if self.checkpoint_due(step):
+                self.publish_checkpoint()
+        self.state.val_loss = self.validation_loss()
+
+    def checkpoint_due(self, step: int) -> bool:
+        s = self.settings
+        if step >= s.max_steps:
+            return False  # the final adapter is published instead
+        by_step = s.checkpoint_interval > 0 and step % s.checkpoint_interval == 0
+        by_time = 0 < s.checkpoint_seconds <= time.monotonic() - self._last_checkpoint
+        return by_step or by_time
+
+    def publish_checkpoint(self) -> None:
+        uri = checkpoint.checkpoint_uri(self.settings.checkpoints_uri, self.state.step)
+        if store.exists(uri):  # reached again after resuming from an older one
+            return
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="loraforge-ckpt-") as tmp:
+            checkpoint.save(Path(tmp), self.model, self.optimizer, self.state)
+            store.publish(
+                tmp,
+                uri,
+                job="train-checkpoint",
+                run_id=self.settings.run_id,
+                settings=self.settings.redacted(),
+                metrics=self.metrics(),
+            )
+        self._last_checkpoint = time.monotonic()
+        log.info(
+            f"checkpoint {uri} published in {time.monotonic() - started:.1f}s",
+            extra={"event": "checkpoint", "step": self.state.step, "uri": uri},
+        )
+
+    def resume(self) -> None:
+        artifact = checkpoint.newest_verified(self.settings.checkpoints_uri, self.settings)
+        if artifact is None:
+            return
+        self.state = checkpoint.restore(artifact.path, self.model, self.optimizer)
+        log.info(
+            f"resumed from {artifact.uri} at step {self.state.step}",
+            extra={"event": "resume", "step": self.state.step, "uri": artifact.uri},
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
+            "train_loss": self.state.train_loss,
+            "val_loss": self.state.val_loss,
+            "train_examples": len(self.train_set),
+            "val_examples": len(self.val_set),
+        }
+
+
+def build_trainer(settings: TrainSettings, ctx: JobContext) -> Trainer:
+    if settings.method == "bidora":
+        raise PermanentError("LORAFORGE_METHOD=bidora is not available yet (issue #8): use dora")
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.precision, device)
+    path = base_model_path(settings)
+    tokenizer = load_tokenizer(path, settings)
+    train_set, val_set = data.load_datasets(settings, tokenizer)
+    _check_lengths(settings, path, train_set + val_set)
+    quantization = resolve_quantization(settings, device, path)
+    attention = attention_backend(settings.packing, device, model_config(path))
+    model = load_base_model(path, settings, device, dtype, quantization, attention)
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if settings.gradient_checkpointing == "on":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = attach_adapter(model, settings)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    log.info(
+        f"training {peft_model.get_nb_trainable_parameters()[0]:,} adapter parameters on "
+        f"{len(train_set)} examples ({len(val_set)} for validation), {device}, {dtype}, "
+        f"quantization {quantization}, attention {attention}"
+    )
+    return Trainer(settings, peft_model, train_set, val_set, device, dtype, int(pad), ctx)
+
+
+def _check_lengths(settings: TrainSettings, path: str, examples: list[data.Example]) -> None:
+    limit = model_config(path).get("max_position_embeddings")
+    longest = max((len(e.input_ids) for e in examples), default=0)
+    if limit and settings.max_seq_len > limit:
+        raise PermanentError(
+            f"LORAFORGE_MAX_SEQ_LEN={settings.max_seq_len} is above the model's maximum "
+            f"({limit} positions): set it to {limit} or less"
+        )
+    if limit and longest > limit:
+        raise PermanentError(f"an example has {longest} tokens, the model takes {limit}")
+
+
+def publish_adapter(trainer: Trainer) -> None:
+    s = trainer.settings
+    inputs = [
+        dict(input_record(s.base_model, None), revision=s.base_revision),
+        dict(input_record(s.data, None)),
+    ]
+    if s.val_data:
+        inputs.append(dict(input_record(s.val_data, None)))
+    with tempfile.TemporaryDirectory(prefix="loraforge-adapter-") as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        store.publish(
+            tmp,
+            s.output_uri,
+            job="train",
+            run_id=s.run_id,
+            settings=s.redacted(),
+            inputs=inputs,
+            metrics=trainer.metrics(),
+        )
+    log.info(
+        f"adapter published: {s.output_uri}",
+        extra={"event": "published", "uri": s.output_uri, **trainer.metrics()},
+    )
+
 
 def run(settings: TrainSettings, ctx: JobContext) -> None:
-    raise PermanentError(
-        f"the train job is not implemented yet (issue #4); settings for run {settings.run_id} "
-        "validated, nothing was written"
-    )
+    ctx.cooperative()  # SIGTERM: finish the step, publish a checkpoint, then exit 143
+    if store.exists(settings.output_uri):
+        log.info(f"{settings.output_uri} is already published: nothing to do")
+        return
+    trainer = build_trainer(settings, ctx)
+    trainer.resume()
+    trainer.fit()
+    publish_adapter(trainer)
 
 
 def main() -> None:
