@@ -41,13 +41,13 @@ test-gpu: setup
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-# The demo grows with the jobs (issues #4-#6, #9): today it builds the tiny kit, validates the
-# demo job specs and publishes the tiny base model as an artifact on the local store.
+# The main flow on CPU, offline: tiny kit -> train a LoRA (-> edit -> eval, issues #5/#6/#9).
+# The demo directory is the demo's own: it starts afresh (the pretrained tiny base is cached).
 demo: setup
-	$(BIN)/loraforge make-tiny $(DEMO_DIR)/tiny --force
-	$(BIN)/loraforge check train --env-file jobs/train.env > /dev/null
-	$(BIN)/loraforge publish $(DEMO_DIR)/tiny/model $(DEMO_DIR)/store/base-$$(date +%s) --job upload
-	$(BIN)/loraforge ls $(DEMO_DIR)/store
+	rm -rf $(DEMO_DIR)
+	$(BIN)/loraforge make-tiny $(DEMO_DIR)/tiny
+	$(BIN)/loraforge run train --env-file jobs/train.demo.env
+	@echo "adapter: $(DEMO_DIR)/store/demo/train (PeftModel.from_pretrained loads it)"
 
 lint: setup
 	$(BIN)/ruff check src tests bench

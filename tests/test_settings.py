@@ -166,7 +166,7 @@ def test_every_field_is_documented(job: str) -> None:
     "spec", sorted(Path(__file__).parents[1].glob("jobs/*.env")), ids=lambda p: p.name
 )
 def test_shipped_job_specs_validate(spec: Path) -> None:
-    job = spec.name.split(".")[0].split("-")[0]
+    job = spec.name.split(".")[0]
     settings = load_settings(JOB_SETTINGS[job], read_env_file(spec))
     assert settings.job == job
 
@@ -177,7 +177,7 @@ def test_shipped_job_specs_validate(spec: Path) -> None:
 def test_shipped_spec_comments_are_the_field_docs(spec: Path) -> None:
     from loraforge.settings.spec import field_comment, spec_comments
 
-    cls = JOB_SETTINGS[spec.name.split(".")[0].split("-")[0]]
+    cls = JOB_SETTINGS[spec.name.split(".")[0]]
     comments = spec_comments(spec.read_text())
     assert comments, f"{spec} sets nothing"
     for env_name, block in comments.items():

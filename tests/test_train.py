@@ -271,3 +271,44 @@ def test_resume_with_other_settings_is_refused(tiny_kit, tmp_path: Path) -> None
         PermanentError, match=r"step-00000002 was made with other settings \(rank\)"
     ):
         train.build_trainer(changed, JobContext()).resume()
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_kit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    adapters = []
+    for mode in ("off", "on"):
+        env = spec(
+            tiny_kit,
+            tmp_path,
+            LORAFORGE_MAX_STEPS="2",
+            LORAFORGE_DROPOUT="0",
+            LORAFORGE_GRADIENT_CHECKPOINTING=mode,
+            LORAFORGE_RUN_ID=f"gc-{mode}",
+        )
+        trainer = train.build_trainer(load_settings(TrainSettings, env), JobContext())
+        trainer.fit()
+        adapters.append(
+            {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        )
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", ["none", "nf4", "int8"])
+def test_trains_on_cuda(tiny_kit, tmp_path: Path, quantization: str) -> None:  # type: ignore[no-untyped-def]
+    env = spec(
+        tiny_kit,
+        tmp_path,
+        LORAFORGE_DEVICE="cuda",
+        LORAFORGE_MAX_STEPS="20",
+        LORAFORGE_QUANTIZATION=quantization,
+        LORAFORGE_RUN_ID=f"cuda-{quantization}",
+    )
+    settings = load_settings(TrainSettings, env)
+    trainer = train.build_trainer(settings, JobContext())
+    before = trainer.validation_loss()
+    trainer.fit()
+    assert before is not None and trainer.state.val_loss is not None
+    assert trainer.state.val_loss < before
+    train.publish_adapter(trainer)
+    assert store.exists(settings.output_uri)

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from loraforge import store
 from loraforge.errors import PermanentError, TransientError
 from loraforge.settings import JobSettings, TrainSettings
-from loraforge.sizing import choose_quantization
+from loraforge.sizing import ModelShape, choose_quantization, estimate_train
 
 log = logging.getLogger("loraforge.modeling")
 
@@ -52,20 +52,17 @@ def base_model_path(settings: JobSettings) -> str:
     return settings.base_model
 
 
-def _hub_errors(name: str, exc: Exception) -> Exception:
-    text = str(exc)
-    if isinstance(exc, OSError | ValueError) and (
-        "does not appear" in text
-        or "not a" in text
-        or "Can't load" in text
-        or "No such" in text
-        or "is not a local folder" in text
-    ):
+def _load_error(name: str, path: str, exc: Exception) -> Exception:
+    """A local directory that does not load is the user's to fix; the hub may be down."""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    local = Path(path).exists() or path.startswith((".", "/", "~"))
+    if local or "not a valid model identifier" in str(exc) or "404" in str(exc):
         return PermanentError(
-            f"LORAFORGE_BASE_MODEL={name}: cannot load ({text.splitlines()[0][:200]}); "
-            "give a hub id, a local model directory or an s3:// artifact"
+            f"LORAFORGE_BASE_MODEL={name}: cannot load a model and tokenizer from it ({first}): "
+            "give a hub id, a model directory (config.json, safetensors, tokenizer) or an s3:// "
+            "artifact"
         )
-    return TransientError(f"LORAFORGE_BASE_MODEL={name}: loading failed ({text[:200]})")
+    return TransientError(f"LORAFORGE_BASE_MODEL={name}: loading failed ({first}); rerun later")
 
 
 def load_tokenizer(path: str, settings: JobSettings) -> Tokenizer:
@@ -74,7 +71,7 @@ def load_tokenizer(path: str, settings: JobSettings) -> Tokenizer:
             path, revision=settings.base_revision, trust_remote_code=False
         )
     except Exception as exc:
-        raise _hub_errors(settings.base_model, exc) from exc
+        raise _load_error(settings.base_model, path, exc) from exc
     if tokenizer.pad_token_id is None:  # the seed's fallback: pad with EOS (never a label)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -108,6 +105,27 @@ def resolve_quantization(settings: TrainSettings, device: torch.device, path: st
         raise PermanentError(f"LORAFORGE_QUANTIZATION=auto: {exc}") from exc
     log.info(f"quantization auto -> {chosen} for {vram / 2**30:.0f} GiB of VRAM")
     return chosen
+
+
+def resolve_checkpointing(
+    settings: TrainSettings, device: torch.device, path: str, quantization: str
+) -> bool:
+    """`auto`: recompute activations only on a GPU where the estimate without it does not fit."""
+    if settings.gradient_checkpointing != "auto":
+        return settings.gradient_checkpointing == "on"
+    config = model_config(path)
+    if device.type != "cuda" or not config:
+        return False
+    vram = torch.cuda.get_device_properties(device).total_memory
+    estimate = estimate_train(
+        ModelShape.from_config(config),
+        quantization=quantization,  # type: ignore[arg-type]
+        rank=settings.rank,
+        targets=settings.target_modules,
+        tokens_per_micro_batch=settings.micro_batch_size * settings.max_seq_len,
+        checkpointing=False,
+    )
+    return estimate.peak > 0.9 * vram
 
 
 def _bnb_config(quantization: str, dtype: torch.dtype, device: torch.device) -> Any:
@@ -174,7 +192,7 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
-        raise _hub_errors(settings.base_model, exc) from exc
+        raise _load_error(settings.base_model, path, exc) from exc
     if quantization == "none":
         model.to(device)  # type: ignore[arg-type]
     return model

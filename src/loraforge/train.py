@@ -32,6 +32,7 @@ from loraforge.modeling import (
     load_base_model,
     load_tokenizer,
     model_config,
+    resolve_checkpointing,
     resolve_device,
     resolve_dtype,
     resolve_quantization,
@@ -219,11 +220,12 @@ def build_trainer(settings: TrainSettings, ctx: JobContext) -> Trainer:
     quantization = resolve_quantization(settings, device, path)
     attention = attention_backend(settings.packing, device, model_config(path))
     model = load_base_model(path, settings, device, dtype, quantization, attention)
+    checkpointing = resolve_checkpointing(settings, device, path, quantization)
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if settings.gradient_checkpointing == "on":
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model = attach_adapter(model, settings)

@@ -1,7 +1,8 @@
 """`loraforge`: the command line of the launcher and the artifact store.
 
 Commands so far: `make-tiny` (tiny model + data kit), `check` (validate a job spec with the
-job's own settings class), `publish`/`fetch`/`ls` (the artifact store), `info`. Rendering and
+job's own settings class), `run` (a job as a local process with a spec's env vars),
+`publish`/`fetch`/`ls` (the artifact store), `info`. Rendering and
 submitting Jobs arrive with issue #7. This module never imports torch; `make-tiny` imports the
 kit lazily.
 """
@@ -42,6 +43,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings = load_settings(JOB_SETTINGS[args.job], read_env_file(args.env_file))
     print(json.dumps(settings.redacted(), indent=2))
     return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a job as a local process with the spec's env vars: the laptop backend of the launcher."""
+    import os
+    import subprocess
+
+    from loraforge.settings import JOB_SETTINGS, load_settings, read_env_file
+
+    spec = read_env_file(args.env_file)
+    settings = load_settings(JOB_SETTINGS[args.job], spec)  # fail here, before any compute
+    script = Path(sys.executable).parent / f"loraforge-{args.job}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFORGE_")} | spec
+    code = subprocess.run([str(script)], env=env, check=False).returncode
+    if code == EXIT_OK:
+        _print_artifact(settings.output_uri)
+    return code
+
+
+def _print_artifact(uri: str) -> None:
+    from loraforge.store import read_manifest
+
+    manifest, _ = read_manifest(uri)
+    metrics = {k: v for k, v in manifest.metrics.items() if v is not None}
+    print(f"published {uri}")
+    print(json.dumps(metrics, indent=2))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -99,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("job", choices=["train", "edit", "eval"])
     check.add_argument("--env-file", required=True)
     check.set_defaults(func=cmd_check)
+
+    run = sub.add_parser("run", help="run a job locally with a spec's env vars")
+    run.add_argument("job", choices=["train", "edit", "eval"])
+    run.add_argument("--env-file", required=True)
+    run.set_defaults(func=cmd_run)
 
     pub = sub.add_parser("publish", help="publish a directory as an artifact (create-only)")
     pub.add_argument("dir")

@@ -66,7 +66,7 @@ def refresh_spec(path: Path) -> None:
     from loraforge.settings import JOB_SETTINGS
     from loraforge.settings.base import read_env_file
 
-    cls = JOB_SETTINGS[path.name.split(".")[0].split("-")[0]]
+    cls = JOB_SETTINGS[path.name.split(".")[0]]
     title = path.read_text().splitlines()[0].removeprefix("# ")
     values = {cls.env_names()[k]: v for k, v in read_env_file(path).items()}
     path.write_text(render_spec(cls, values, title))
