@@ -1,0 +1,1 @@
+"""Spectral editing of LoRA adapters: compact SVD, exact sensitivities, edit modes."""
