@@ -179,7 +179,7 @@ def test_tokenizer_round_trips_and_gives_every_digit_its_own_token(
         for text in (row["question"], tiny.qa_text(row)):
             assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     pieces = tokenizer.convert_ids_to_tokens(tokenizer(" 1234 + 506")["input_ids"])
-    assert pieces == ["Ġ1", "2", "3", "4", "Ġ+", "Ġ5", "0", "6"]
+    assert pieces == ["Ġ", "1", "2", "3", "4", "Ġ+", "Ġ", "5", "0", "6"]
     chat = [{"role": "user", "content": "Hi 23"}, {"role": "assistant", "content": "68"}]
     text = tokenizer.apply_chat_template(chat, tokenize=False)
     assert text == "<|im_start|>user\nHi 23<|im_end|>\n<|im_start|>assistant\n68<|im_end|>\n"
@@ -187,14 +187,22 @@ def test_tokenizer_round_trips_and_gives_every_digit_its_own_token(
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == 2
 
 
-def test_qwen2_arch_builds_and_loads(tmp_path: Path, offline: None) -> None:
-    kit = build(tmp_path / "qwen", tmp_path / "cache", arch="qwen2", pretrain_steps=0)
-    model = AutoModelForCausalLM.from_pretrained(kit.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(kit.model_dir)
+def test_qwen2_kit_loads_and_tokenizes_exactly_like_the_llama_kit(
+    kit: tiny.TinyKit, tmp_path: Path, offline: None
+) -> None:
+    """transformers 5 rebuilds a qwen2 model's tokenizer as Qwen2Tokenizer; ids must not change."""
+    qwen = build(tmp_path / "qwen", tmp_path / "cache", arch="qwen2", pretrain_steps=0)
+    model = AutoModelForCausalLM.from_pretrained(qwen.model_dir)
     assert model.config.model_type == "qwen2"
+    llama_tok, qwen_tok = (AutoTokenizer.from_pretrained(k.model_dir) for k in (kit, qwen))
+    chat = [{"role": "user", "content": rows(kit.test)[0]["question"]}]
+    texts = [tiny.qa_text(row) for row in rows(kit.test)]
+    texts += [qwen_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)]
+    assert [qwen_tok(t)["input_ids"] for t in texts] == [llama_tok(t)["input_ids"] for t in texts]
+    assert len(qwen_tok) == len(llama_tok) == model.config.vocab_size
     with torch.no_grad():
-        logits = model(**tokenizer(["Question: 12 + 34"], return_tensors="pt")).logits
-    assert logits.shape[-1] == len(tokenizer)
+        logits = model(**qwen_tok(texts[:1], return_tensors="pt")).logits
+    assert logits.shape[-1] == len(qwen_tok)
     assert not (tmp_path / "cache").exists()  # random init is not cached
 
 

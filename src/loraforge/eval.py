@@ -1,17 +1,330 @@
-"""The eval job (`loraforge-eval`): settings -> inputs -> run -> publish. Built in issue #6."""
+"""The eval job (`loraforge-eval`): settings -> problems and adapters -> generate -> score ->
+publish `predictions.jsonl`, `metrics.json`, `report.md` and `accuracy.png` as one artifact.
+
+Every input is checked before the model loads (data, few-shot pool, adapters, engine), and all
+problems found are reported in one line. The base loads once; every problem is generated once
+per adapter, from the same token ids for every adapter and engine (`loraforge.gsm8k`).
+Nothing is published unless everything succeeded.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from loraforge import adapters as adapters_mod
+from loraforge import engines, gsm8k, report, store
+from loraforge.adapters import Adapter
+from loraforge.engines import Engine, Generation, end_token_ids
 from loraforge.errors import PermanentError
+from loraforge.logs import Progress
+from loraforge.manifest import input_record
+from loraforge.modeling import (
+    base_model_path,
+    load_base_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from loraforge.runner import JobContext, job_main
 from loraforge.settings import EvalSettings
 
+log = logging.getLogger("loraforge.eval")
+T = TypeVar("T")
+FILES = ("predictions.jsonl", "metrics.json", "report.md", "accuracy.png")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything checked before the model loads."""
+
+    problems: list[gsm8k.Problem]
+    pool: list[gsm8k.Shot]
+    fewshot_uri: str | None
+    adapters: list[Adapter]
+    engine: str
+
+
+def gather(settings: EvalSettings) -> Inputs:
+    """Read and check every input; each unusable one is named, all in one PermanentError."""
+    problems_found: list[str] = []
+
+    def attempt(check: Callable[[], T], fallback: T) -> T:
+        try:
+            return check()
+        except PermanentError as exc:
+            problems_found.append(str(exc))
+            return fallback
+
+    problems: list[gsm8k.Problem] = attempt(
+        lambda: gsm8k.load_problems(
+            settings.eval_data, limit=settings.eval_limit, seed=settings.seed
+        ),
+        [],
+    )
+    fewshot_uri = settings.fewshot_data or gsm8k.default_fewshot_uri(settings.eval_data)
+    pool: list[gsm8k.Shot] = (
+        attempt(lambda: gsm8k.load_shots(fewshot_uri), []) if settings.shots else []
+    )
+    adapters: list[Adapter] = attempt(lambda: adapters_mod.resolve(settings.adapters), [])
+    has_cuda = settings.device != "cpu" and torch.cuda.is_available()
+    engine, why = attempt(
+        lambda: engines.choose(
+            settings.engine, adapters, has_vllm=engines.vllm_installed(), has_cuda=has_cuda
+        ),
+        ("", ""),
+    )
+    if problems_found:
+        raise PermanentError("; ".join(problems_found))
+    log.info(f"engine {engine}: {why}", extra={"event": "engine", "engine": engine})
+    if settings.shots and fewshot_uri == settings.eval_data:
+        log.warning(
+            f"few-shot examples are drawn from {settings.eval_data} itself (never a problem's "
+            "own): set LORAFORGE_FEWSHOT_DATA to a training split for lm-eval's setup"
+        )
+    return Inputs(problems, pool, fewshot_uri if settings.shots else None, adapters, engine)
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+
+def build_prompts(
+    settings: EvalSettings, inputs: Inputs, tokenizer: Any
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(token ids, few-shot indices) per problem."""
+    if settings.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise PermanentError(
+            f"LORAFORGE_CHAT_TEMPLATE=true but the tokenizer of {settings.base_model} has no chat "
+            "template: set it to false for plain-text prompts"
+        )
+    sampler = gsm8k.ShotSampler(inputs.pool, settings.shots, settings.seed)
+    prompts, shot_ids = [], []
+    for problem in inputs.problems:
+        drawn = sampler.draw(problem)
+        shots = [inputs.pool[i] for i in drawn]
+        prompts.append(gsm8k.encode_prompt(problem, shots, tokenizer, settings.chat_template))
+        shot_ids.append(drawn)
+    return prompts, shot_ids
+
+
+def token_budgets(
+    prompts: Sequence[list[int]],
+    problems: Sequence[gsm8k.Problem],
+    new_tokens: int,
+    context: int | None,
+) -> list[int]:
+    """New tokens per prompt: the setting, less where the prompt nearly fills the context."""
+    if context is None:
+        return [new_tokens] * len(prompts)
+    budgets = [min(new_tokens, context - len(p)) for p in prompts]
+    too_long = [(pb, len(p)) for pb, p, b in zip(problems, prompts, budgets, strict=True) if b < 1]
+    if too_long:
+        problem, length = too_long[0]
+        raise PermanentError(
+            f"{problem.where}: the prompt has {length} tokens and the model takes {context} "
+            f"({len(too_long)} such problems): lower LORAFORGE_NUM_FEWSHOT"
+        )
+    clipped = sum(b < new_tokens for b in budgets)
+    if clipped:
+        log.warning(
+            f"{clipped} prompts leave fewer than {new_tokens} new tokens in the model's "
+            f"{context}-token context; their answers may be cut short"
+        )
+    return budgets
+
+
+def context_length(config: Any, tokenizer: Any) -> int | None:
+    limits = [
+        getattr(config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
+    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 10**7]
+    return min(usable) if usable else None
+
+
+# --- engines ------------------------------------------------------------------------------------
+
+
+def build_engine(
+    settings: EvalSettings, inputs: Inputs, path: str, tokenizer: Any
+) -> tuple[Engine, int | None]:
+    """The chosen engine with the base loaded once and every adapter checked to fit it."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.precision, device)
+    if inputs.engine == "vllm":
+        return _vllm_engine(settings, inputs, path, tokenizer, dtype)
+    from loraforge.engines.transformers_engine import Stops, TransformersEngine, attach_adapters
+
+    base = load_base_model(path, settings, device, dtype)
+    context = context_length(base.config, tokenizer)
+    eos = end_token_ids(tokenizer, base.generation_config.eos_token_id)
+    model, names = attach_adapters(base, inputs.adapters, settings.base_model)
+    log.info(f"base {settings.base_model} loaded once on {device} ({dtype}); adapters: {names}")
+    stops = Stops(tokenizer, eos)
+    return TransformersEngine(model, tokenizer, names, settings.batch_size, stops), context
+
+
+def _vllm_engine(
+    settings: EvalSettings, inputs: Inputs, path: str, tokenizer: Any, dtype: torch.dtype
+) -> tuple[Engine, int | None]:
+    from transformers import GenerationConfig
+
+    from loraforge.engines.vllm_engine import VllmEngine, engine_args
+
+    meta = adapters_mod.meta_model(path, settings.base_revision)
+    for adapter in inputs.adapters:
+        adapters_mod.check_fits(adapter, meta, settings.base_model)
+    try:
+        revision = settings.base_revision or "main"
+        generation_eos = GenerationConfig.from_pretrained(path, revision=revision).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        generation_eos = None
+    args = engine_args(
+        path,
+        settings.base_revision,
+        inputs.adapters,
+        dtype,
+        settings.seed,
+        settings.gpu_memory_utilization,
+    )
+    eos = sorted(end_token_ids(tokenizer, generation_eos))
+    return VllmEngine(args, eos, settings.seed), context_length(meta.config, tokenizer)
+
+
+# --- scoring and publishing ---------------------------------------------------------------------
+
+
+def score(
+    problems: Sequence[gsm8k.Problem],
+    shot_ids: Sequence[list[int]],
+    adapters: Sequence[Adapter],
+    generations: dict[str, list[Generation]],
+) -> list[report.Prediction]:
+    rows = []
+    for adapter in adapters:
+        for problem, shots, gen in zip(problems, shot_ids, generations[adapter.label], strict=True):
+            strict, flexible = gsm8k.extract_strict(gen.text), gsm8k.extract_flexible(gen.text)
+            rows.append(
+                report.Prediction(
+                    problem_id=problem.index,
+                    adapter=adapter.label,
+                    output=gen.text,
+                    target=problem.target,
+                    strict=strict,
+                    flexible=flexible,
+                    strict_correct=gsm8k.is_correct(strict, problem.target),
+                    flexible_correct=gsm8k.is_correct(flexible, problem.target),
+                    output_tokens=gen.tokens,
+                    finish=gen.finish,
+                    shots=shots,
+                )
+            )
+    return rows
+
+
+def setup_summary(settings: EvalSettings, inputs: Inputs, engine: str) -> dict[str, Any]:
+    return {
+        "base model": settings.base_model,
+        "eval data": settings.eval_data,
+        "problems": f"{len(inputs.problems)}"
+        + (
+            f" (LORAFORGE_EVAL_LIMIT={settings.eval_limit}, seed {settings.seed})"
+            if settings.eval_limit
+            else ""
+        ),
+        "profile": settings.profile,
+        "few-shot": f"{settings.shots} from {inputs.fewshot_uri}" if settings.shots else "0",
+        "max new tokens": settings.new_tokens,
+        "chat template": settings.chat_template,
+        "decoding": "greedy, stop at 'Question:' or an end token",
+        "engine": engine,
+    }
+
+
+def write_outputs(
+    out: Path,
+    settings: EvalSettings,
+    inputs: Inputs,
+    predictions: Sequence[report.Prediction],
+    engine: str,
+) -> dict[str, Any]:
+    m = report.metrics(
+        predictions,
+        [(a.label, a.uri) for a in inputs.adapters],
+        settings.bootstrap_samples,
+        settings.seed,
+    )
+    m |= {
+        "profile": settings.profile,
+        "num_fewshot": settings.shots,
+        "max_new_tokens": settings.new_tokens,
+        "engine": engine,
+        "metric": settings.metric,
+    }
+    report.write_predictions(out / "predictions.jsonl", predictions)
+    (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
+    report.bar_chart(m, out / "accuracy.png")
+    setup = setup_summary(settings, inputs, engine)
+    (out / "report.md").write_text(report.markdown(m, setup, settings.metric, "accuracy.png"))
+    return m
+
+
+def publish(settings: EvalSettings, inputs: Inputs, out: Path, m: dict[str, Any]) -> None:
+    records = [dict(input_record(settings.base_model, None), revision=settings.base_revision)]
+    records.append(dict(input_record(settings.eval_data, None)))
+    if inputs.fewshot_uri:
+        records.append(dict(input_record(inputs.fewshot_uri, None)))
+    records += [
+        dict(input_record(a.uri, a.manifest_bytes)) for a in inputs.adapters if not a.is_base
+    ]
+    store.publish(
+        out,
+        settings.output_uri,
+        job="eval",
+        run_id=settings.run_id,
+        settings=settings.redacted(),
+        inputs=records,
+        metrics=m,
+    )
+
 
 def run(settings: EvalSettings, ctx: JobContext) -> None:
-    raise PermanentError(
-        f"the eval job is not implemented yet (issue #6); settings for run {settings.run_id} "
-        "validated, nothing was written"
+    if store.exists(settings.output_uri):
+        log.info(f"{settings.output_uri} is already published: nothing to do")
+        return
+    inputs = gather(settings)
+    path = base_model_path(settings)
+    tokenizer = load_tokenizer(path, settings)
+    prompts, shot_ids = build_prompts(settings, inputs, tokenizer)
+    engine, context = build_engine(settings, inputs, path, tokenizer)
+    budgets = token_budgets(prompts, inputs.problems, settings.new_tokens, context)
+    total = len(prompts) * len(inputs.adapters)
+    progress = Progress(log, total=total)
+    done = 0
+
+    def on_batch(problems: int, tokens: int) -> None:
+        nonlocal done
+        done += problems
+        progress.update(done, tokens, force=done == total)
+
+    log.info(
+        f"generating {len(prompts)} problems x {len(inputs.adapters)} adapters with {engine.name}"
     )
+    generations = engine.generate(inputs.adapters, prompts, budgets, on_batch)
+    predictions = score(inputs.problems, shot_ids, inputs.adapters, generations)
+    with tempfile.TemporaryDirectory(prefix="loraforge-eval-") as tmp:
+        m = write_outputs(Path(tmp), settings, inputs, predictions, engine.name)
+        publish(settings, inputs, Path(tmp), m)
+    for line in report.verdict(m, settings.metric):
+        log.info(line.replace("**", ""), extra={"event": "verdict"})
+    log.info(f"published {settings.output_uri}: {', '.join(FILES)}", extra={"event": "published"})
 
 
 def main() -> None:

@@ -1,0 +1,221 @@
+"""The transformers engine: one base loaded once, PEFT adapters switched in place, batched greedy.
+
+Prompts are sorted by length (longest first, so a batch that does not fit shows at once) and
+cut into batches that are left-padded: every row's last prompt token sits in the last column,
+so one argmax per step serves the whole batch. Generation runs on a KV cache; a row that stops
+(stop string, end token or its token budget) leaves the batch and its cache rows are dropped,
+so a long answer does not keep finished rows computing. A row's greedy continuation does not
+depend on its batch-mates: batched outputs equal one-at-a-time outputs (asserted on the CPU in
+fp32 by tests/test_eval.py and bench/eval_throughput.py; in bf16 on a GPU, padding can change
+rounding and so flip a near-tie).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from peft import PeftModel
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from loraforge.adapters import Adapter, check_fits
+from loraforge.engines import Finish, Generation, OnBatch
+from loraforge.errors import PermanentError
+from loraforge.gsm8k import STOP_STRINGS, cut_at_stop
+
+log = logging.getLogger("loraforge.engines.transformers")
+
+
+@dataclass(frozen=True)
+class Stops:
+    """When a row is done: an end token, or a stop string in the decoded tail."""
+
+    tokenizer: Tokenizer
+    eos_ids: frozenset[int]
+    strings: tuple[str, ...] = STOP_STRINGS
+
+    @property
+    def window(self) -> int:
+        # a token decodes to at least one character, bar partial UTF-8 bytes: twice is plenty
+        return 2 * max((len(s) for s in self.strings), default=0) + 4
+
+    def finish(self, ids: list[int], budget: int) -> Finish | None:
+        if ids[-1] in self.eos_ids:
+            return "eos"
+        tail = self.tokenizer.decode(ids[-self.window :], skip_special_tokens=True)
+        if any(s in tail for s in self.strings):
+            return "stop"
+        return "length" if len(ids) >= budget else None
+
+    def text(self, ids: list[int]) -> str:
+        return cut_at_stop(str(self.tokenizer.decode(ids, skip_special_tokens=True)), self.strings)
+
+
+def left_pad(
+    rows: Sequence[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (batch, longest), pads on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def greedy_batch(
+    model: torch.nn.Module,
+    rows: Sequence[list[int]],
+    budgets: Sequence[int],
+    stops: Stops,
+    pad_id: int,
+) -> list[tuple[list[int], Finish]]:
+    """Greedy continuations of left-padded `rows` on a KV cache; finished rows leave the batch."""
+    device = next(model.parameters()).device
+    input_ids, mask = left_pad(rows, pad_id, device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get position 0; they are masked
+    cache = DynamicCache(config=cast(PretrainedConfig, model.config))
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]  # (batch, vocab)
+    generated: list[list[int]] = [[] for _ in rows]
+    finished: list[Finish | None] = [None] * len(rows)
+    active = list(range(len(rows)))  # row numbers of the batch's current members
+    while True:
+        next_ids = logits.argmax(-1)  # (active,)
+        keep = []
+        for slot, (row, token) in enumerate(zip(active, next_ids.tolist(), strict=True)):
+            generated[row].append(int(token))
+            finished[row] = stops.finish(generated[row], budgets[row])
+            if finished[row] is None:
+                keep.append(slot)
+        if not keep:
+            break
+        if len(keep) < len(active):  # drop finished rows from the batch and the cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            next_ids, mask, position_ids = next_ids[index], mask[index], position_ids[index]
+            active = [active[slot] for slot in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        logits = model(
+            input_ids=next_ids[:, None],
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
+    return [(ids, finish or "length") for ids, finish in zip(generated, finished, strict=True)]
+
+
+class TransformersEngine:
+    """A base model (optionally wrapped by PeftModel holding every adapter) and a tokenizer."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        adapter_names: dict[str, str],
+        batch_size: int,
+        stops: Stops,
+    ) -> None:
+        self.model, self.tokenizer, self.batch_size, self.stops = (
+            model,
+            tokenizer,
+            batch_size,
+            stops,
+        )
+        self.adapter_names = adapter_names  # label -> PEFT adapter name
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops.eos_ids)
+        self.pad_id = int(pad)
+
+    @contextlib.contextmanager
+    def active(self, adapter: Adapter) -> Iterator[None]:
+        """The model as `adapter` sees it: `base` runs with every adapter disabled."""
+        if not adapter.is_base:
+            assert isinstance(self.model, PeftModel)
+            self.model.set_adapter(self.adapter_names[adapter.label])
+            yield
+        elif isinstance(self.model, PeftModel):
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+    def generate(
+        self,
+        adapters: Sequence[Adapter],
+        prompts: Sequence[list[int]],
+        budgets: Sequence[int],
+        on_batch: OnBatch,
+    ) -> dict[str, list[Generation]]:
+        results = {}
+        for adapter in adapters:
+            with self.active(adapter):
+                results[adapter.label] = self.generate_all(prompts, budgets, on_batch)
+        return results
+
+    def generate_all(
+        self, prompts: Sequence[list[int]], budgets: Sequence[int], on_batch: OnBatch
+    ) -> list[Generation]:
+        """Length-sorted batches (longest first); results back in prompt order."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            outputs = greedy_batch(
+                self.model,
+                [prompts[i] for i in chunk],
+                [budgets[i] for i in chunk],
+                self.stops,
+                self.pad_id,
+            )
+            for i, (ids, finish) in zip(chunk, outputs, strict=True):
+                results[i] = Generation(self.stops.text(ids), len(ids), finish)
+            on_batch(len(chunk), sum(len(ids) for ids, _ in outputs))
+        return [r for r in results if r is not None]
+
+
+def attach_adapters(
+    base: PreTrainedModel, adapters: Sequence[Adapter], base_name: str
+) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The base wrapped in one PeftModel holding every adapter (checked to fit first)."""
+    loras = [a for a in adapters if not a.is_base]
+    for adapter in loras:
+        check_fits(adapter, base, base_name)
+        made_for = adapter.config.get("base_model_name_or_path")
+        if made_for and made_for != base_name:
+            log.warning(f"{adapter.label} was made for {made_for}; scoring it on {base_name}")
+    if not loras:
+        return base, {}
+    names = {a.label: f"adapter_{i}" for i, a in enumerate(loras)}
+    model: torch.nn.Module = base
+    for adapter in loras:
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(adapter.path), adapter_name=names[adapter.label])
+            else:
+                model = PeftModel.from_pretrained(
+                    base, str(adapter.path), adapter_name=names[adapter.label], is_trainable=False
+                )
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise PermanentError(
+                f"LORAFORGE_ADAPTERS: {adapter.uri} does not load onto LORAFORGE_BASE_MODEL="
+                f"{base_name} ({first}): score it with the base it was trained on"
+            ) from exc
+    return model.eval(), names
