@@ -41,13 +41,18 @@ test-gpu: setup
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-# The main flow on CPU, offline: tiny kit -> train a LoRA (-> edit -> eval, issues #5/#6/#9).
+# The main flow on CPU, offline: tiny kit -> train a LoRA -> edit (abs_select and the
+# random_index control) -> eval of base, trained, edited and control adapters.
 # The demo directory is the demo's own: it starts afresh (the pretrained tiny base is cached).
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(BIN)/loraforge make-tiny $(DEMO_DIR)/tiny
 	$(BIN)/loraforge run train --env-file jobs/train.demo.env
-	@echo "adapter: $(DEMO_DIR)/store/demo/train (PeftModel.from_pretrained loads it)"
+	$(BIN)/loraforge run edit --env-file jobs/edit.demo.env
+	$(BIN)/loraforge run edit --env-file jobs/edit.demo-control.env
+	$(BIN)/loraforge run eval --env-file jobs/eval.demo.env
+	@cat $(DEMO_DIR)/store/demo/eval/report.md
+	@echo "report: $(DEMO_DIR)/store/demo/eval/report.md (plot beside it)"
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -31,12 +31,19 @@ TARGETS = ["o_proj", "down_proj"]
 
 def build(hidden: int, layers: int, rank: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
-                         max_position_embeddings=2048)
+    config = Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        max_position_embeddings=2048,
+    )
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                                            use_rslora=True))
+    model = get_peft_model(
+        base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, use_rslora=True)
+    )
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -78,6 +85,7 @@ def seed_style(model: torch.nn.Module, spectra: dict[str, Spectrum], data: list[
     g = {name: torch.zeros(sp.S.numel()) for name, sp in spectra.items()}
     handles, saved = [], {}
     for name, sp in spectra.items():
+
         def forward_hook(module, inputs, output, name=name, sp=sp):  # type: ignore[no-untyped-def]
             saved[name] = inputs[0].detach() @ sp.Vh.T  # (B, T, r)
 
@@ -131,23 +139,34 @@ def main(argv: list[str] | None = None) -> None:
 
     model = build(args.hidden, args.layers, args.rank)
     data = batches(args.batches, args.seq)
-    modules = {n: m for n, m in model.named_modules() if n.endswith(tuple(TARGETS))
-               and hasattr(m, "lora_A")}
+    modules = {
+        n: m
+        for n, m in model.named_modules()
+        if n.endswith(tuple(TARGETS)) and hasattr(m, "lora_A")
+    }
     spectra = spectra_of(modules)
     t_plain = timed(lambda: plain(model, data), args.repeats)
     t_ours = timed(lambda: ours(model, spectra, data), args.repeats)
     t_seed = timed(lambda: seed_style(model, spectra, data), args.repeats)
     t_compact, t_dense = svd_ratio(args.svd_size, args.svd_rank)
-    print(f"model: hidden {args.hidden}, {args.layers} layers, rank {args.rank}, "
-          f"{len(spectra)} modules, {args.batches} batches of 2 x <= {args.seq} tokens, "
-          f"{torch.get_num_threads()} threads")
-    print(f"(a) calibration {t_ours:.3f}s / plain fwd+bwd {t_plain:.3f}s = "
-          f"{t_ours / t_plain:.2f}x (target <= 1.15x)")
-    print(f"(b) seed-style hooks {t_seed:.3f}s / calibration {t_ours:.3f}s = "
-          f"{t_seed / t_ours:.2f}x (target >= 2x)")
-    print(f"(c) dense SVD {t_dense:.3f}s / compact SVD {t_compact * 1e3:.2f}ms at "
-          f"{args.svd_size}x{args.svd_size}, rank {args.svd_rank} = {t_dense / t_compact:.0f}x "
-          "(target >= 100x)")
+    print(
+        f"model: hidden {args.hidden}, {args.layers} layers, rank {args.rank}, "
+        f"{len(spectra)} modules, {args.batches} batches of 2 x <= {args.seq} tokens, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"(a) calibration {t_ours:.3f}s / plain fwd+bwd {t_plain:.3f}s = "
+        f"{t_ours / t_plain:.2f}x (target <= 1.15x)"
+    )
+    print(
+        f"(b) seed-style hooks {t_seed:.3f}s / calibration {t_ours:.3f}s = "
+        f"{t_seed / t_ours:.2f}x (target >= 2x)"
+    )
+    print(
+        f"(c) dense SVD {t_dense:.3f}s / compact SVD {t_compact * 1e3:.2f}ms at "
+        f"{args.svd_size}x{args.svd_size}, rank {args.svd_rank} = {t_dense / t_compact:.0f}x "
+        "(target >= 100x)"
+    )
 
 
 if __name__ == "__main__":

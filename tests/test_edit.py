@@ -135,7 +135,8 @@ def test_sensitivity_equals_autograd_on_dense_delta_w_and_finite_differences(
 
     sigma = sp.S.double().clone().requires_grad_(True)
     (g_dense,) = torch.autograd.grad(loss_at(sigma), sigma)
-    torch.testing.assert_close(g[name].double(), g_dense, rtol=1e-6, atol=1e-8)
+    # g is float32 (σ is a float32 leaf); the dense reference is float64
+    torch.testing.assert_close(g[name].double(), g_dense, rtol=2e-5, atol=1e-6)
 
     # Llama's RMSNorm computes in fp32 even in an fp64 model, so the loss carries ~1e-10
     # relative noise: central differences with a step that dwarfs it, Richardson-extrapolated.
@@ -282,7 +283,7 @@ BAD = {
     ),
     "pickle only": (
         lambda k, a, t: {"LORAFORGE_ADAPTER": _pickle_only(a, t)},
-        "no adapter_model.safetensors (found pickle files adapter_model.bin",
+        "holds pickled weights (adapter_model.bin), which are refused",
     ),
     "other base": (
         lambda k, a, t: {"LORAFORGE_BASE_MODEL": _other_base(k, t)},

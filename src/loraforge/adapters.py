@@ -91,28 +91,26 @@ def resolve(uris: Sequence[str]) -> list[Adapter]:
     return adapters
 
 
-def fetch(uri: str, label: str) -> Adapter:
+def fetch(uri: str, label: str, variable: str = "LORAFORGE_ADAPTERS") -> Adapter:
     artifact = store.fetch(uri)
     names = {p.name for p in artifact.path.iterdir() if p.is_file()}
     pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickled:
         raise PermanentError(
-            f"LORAFORGE_ADAPTERS: {uri} holds pickled weights ({', '.join(pickled)}), which are "
+            f"{variable}: {uri} holds pickled weights ({', '.join(pickled)}), which are "
             "refused: save the adapter with safetensors (save_pretrained(safe_serialization=True))"
         )
     if CONFIG_NAME not in names or WEIGHTS_NAME not in names:
         raise PermanentError(
-            f"LORAFORGE_ADAPTERS: {uri} is not a PEFT adapter (needs {CONFIG_NAME} and "
+            f"{variable}: {uri} is not a PEFT adapter (needs {CONFIG_NAME} and "
             f"{WEIGHTS_NAME}; has {', '.join(sorted(names)) or 'no files'})"
         )
     try:
         config = json.loads((artifact.path / CONFIG_NAME).read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise PermanentError(
-            f"LORAFORGE_ADAPTERS: {uri}/{CONFIG_NAME} is not JSON ({exc})"
-        ) from exc
+        raise PermanentError(f"{variable}: {uri}/{CONFIG_NAME} is not JSON ({exc})") from exc
     if not isinstance(config, dict) or not config.get("peft_type"):
-        raise PermanentError(f"LORAFORGE_ADAPTERS: {uri}/{CONFIG_NAME} has no peft_type")
+        raise PermanentError(f"{variable}: {uri}/{CONFIG_NAME} has no peft_type")
     return Adapter(uri, label, artifact.path, artifact.manifest_bytes, config)
 
 
@@ -147,7 +145,9 @@ def saved_shapes(adapter: Adapter) -> dict[str, tuple[int, ...]]:
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
 
 
-def check_fits(adapter: Adapter, model: torch.nn.Module, base_name: str) -> None:
+def check_fits(
+    adapter: Adapter, model: torch.nn.Module, base_name: str, variable: str = "LORAFORGE_ADAPTERS"
+) -> None:
     """Raise PermanentError when the adapter's tensors do not fit the base's modules."""
     if adapter.is_base:
         return
@@ -158,7 +158,7 @@ def check_fits(adapter: Adapter, model: torch.nn.Module, base_name: str) -> None
         if problem:
             made_for = adapter.config.get("base_model_name_or_path") or "another model"
             raise PermanentError(
-                f"LORAFORGE_ADAPTERS: {adapter.uri} does not fit LORAFORGE_BASE_MODEL="
+                f"{variable}: {adapter.uri} does not fit LORAFORGE_BASE_MODEL="
                 f"{base_name}: {problem} (the adapter was made for {made_for}): score it with "
                 "the base it was trained on"
             )

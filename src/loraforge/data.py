@@ -70,10 +70,10 @@ class Example:
 
 def read_records(uri: str, *, variable: str = "LORAFORGE_DATA") -> list[dict[str, Any]]:
     """The records at `uri` (see the module docstring); `variable` names the setting in errors."""
-    return _read_located(uri, variable)[0]
+    return read_located(uri, variable)[0]
 
 
-def _read_located(uri: str, variable: str) -> tuple[list[dict[str, Any]], list[str]]:
+def read_located(uri: str, variable: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Records plus where each came from (`data.jsonl:3`), for error messages downstream."""
     if uri.startswith("hf://"):
         records, locations = _read_hf(uri)
@@ -494,7 +494,7 @@ def load_datasets(
 def _load(
     uri: str, variable: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
 ) -> list[Example]:
-    records, locations = _read_located(uri, variable)
+    records, locations = read_located(uri, variable)
     return tokenize(records, tokenizer, max_seq_len, uri, locations=locations)
 
 

@@ -24,7 +24,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from loraforge import data, store
+from loraforge import adapters, data, store
+from loraforge.adapters import CONFIG_NAME as ADAPTER_CONFIG
+from loraforge.adapters import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from loraforge.errors import PermanentError
 from loraforge.manifest import input_record, library_versions
 from loraforge.modeling import (
@@ -43,9 +45,7 @@ from loraforge.spectral.sensitivity import sensitivities
 from loraforge.spectral.svd import Spectrum, compact_svd, rebuild
 
 log = logging.getLogger("loraforge.edit")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
 META = "spectral_edit_meta.json"
 PLOT = "spectrum.png"
 META_FORMAT = "loraforge.spectral_edit/v1"
@@ -55,35 +55,6 @@ _PARAM_FIELDS = [
     for f in EditParams.__dataclass_fields__
     if f in EditSettings.model_fields and f not in ("mode", "seed")
 ]
-
-
-def check_adapter_dir(path: Path, uri: str) -> None:
-    """A safetensors PEFT LoRA directory, no pickle (TODO: share with loraforge.adapters)."""
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if not (path / ADAPTER_WEIGHTS).is_file():
-        found = f" (found pickle files {', '.join(pickles)}, which are refused)" if pickles else ""
-        raise PermanentError(
-            f"LORAFORGE_ADAPTER={uri}: no {ADAPTER_WEIGHTS}{found}: save the adapter with "
-            "safe_serialization=True"
-        )
-    if pickles:
-        raise PermanentError(
-            f"LORAFORGE_ADAPTER={uri}: holds pickle files ({', '.join(pickles)}), which can run "
-            "code when loaded: publish the adapter with safetensors only"
-        )
-
-
-def load_peft(base: torch.nn.Module, path: Path, uri: str) -> PeftModel:
-    """Attach the adapter at `path`; one trained on another base is a permanent error."""
-    try:
-        return PeftModel.from_pretrained(base, str(path), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        lines = str(exc).strip().splitlines()
-        detail = next((x.strip() for x in lines if "size mismatch" in x), lines[0] if lines else "")
-        raise PermanentError(
-            f"LORAFORGE_ADAPTER={uri}: does not fit LORAFORGE_BASE_MODEL ({detail[:240]}): use "
-            "the base the adapter was trained on"
-        ) from exc
 
 
 def edit_params(settings: EditSettings) -> EditParams:
@@ -148,8 +119,8 @@ def spectra_of(modules: dict[str, torch.nn.Module]) -> dict[str, Spectrum]:
     """Compact SVD per module with PEFT's resolved scale (α/r or α/√r, patterns applied)."""
     result = {}
     for name, module in modules.items():
-        B = module.lora_B["default"].weight  # type: ignore[index]  # (out, r)
-        A = module.lora_A["default"].weight  # type: ignore[index]  # (r, in)
+        B = module.lora_B["default"].weight  # type: ignore[index,union-attr]  # (out, r)
+        A = module.lora_A["default"].weight  # type: ignore[index,union-attr]  # (r, in)
         scale = float(module.scaling["default"])  # type: ignore[index]
         result[name] = compact_svd(B, A, scale)
     return result
@@ -196,7 +167,7 @@ def build_meta(
     settings: EditSettings,
     result: EditResult,
     params: EditParams,
-    adapter: store.Artifact,
+    adapter: adapters.Adapter,
     records: list[dict[str, Any]],
     dora: bool,
 ) -> dict[str, Any]:
@@ -218,7 +189,7 @@ def build_meta(
         "settings": settings.redacted(),
         "input_adapter": {
             "uri": settings.adapter,
-            "manifest_sha256": store.manifest_digest(adapter.manifest_bytes),
+            "manifest_sha256": store.manifest_digest(adapter.manifest_bytes or b""),
         },
         "calibration": {
             "uri": settings.calib_data,
@@ -279,7 +250,7 @@ def plot_spectra(result: EditResult, path: Path, max_modules: int = 12) -> None:
 
 
 def compute_edit(
-    settings: EditSettings, adapter: store.Artifact
+    settings: EditSettings, adapter: adapters.Adapter
 ) -> tuple[EditResult, list[dict[str, Any]], bool]:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.precision, device)
@@ -288,7 +259,9 @@ def compute_edit(
     records = calibration_sample(settings)
     batches = calibration_batches(settings, tokenizer, records, device)
     base = load_base_model(path, settings, device, dtype, settings.quantization)
-    model = load_peft(base, adapter.path, settings.adapter)
+    adapters.check_fits(adapter, base, settings.base_model, variable="LORAFORGE_ADAPTER")
+    assert adapter.path is not None  # adapters.fetch never returns `base` here
+    model = PeftModel.from_pretrained(base, str(adapter.path), is_trainable=False)
     modules = select_modules(model, settings)
     spectra = spectra_of(modules)
     started = time.monotonic()
@@ -299,7 +272,7 @@ def compute_edit(
         extra={"event": "calibrated", "modules": len(spectra), "tokens": tokens},
     )
     sigma_new, stats = edit_spectra(spectra, g, edit_params(settings))
-    dora = bool(model.peft_config["default"].use_dora)
+    dora = bool(getattr(model.peft_config["default"], "use_dora", False))
     return EditResult(spectra, g, sigma_new, stats, loss, tokens), records, dora
 
 
@@ -307,13 +280,13 @@ def run(settings: EditSettings, ctx: JobContext) -> None:
     if store.exists(settings.output_uri):
         log.info(f"{settings.output_uri} is already published: nothing to do")
         return
-    adapter = store.fetch(settings.adapter)
-    check_adapter_dir(adapter.path, settings.adapter)
+    adapter = adapters.fetch(settings.adapter, "adapter", variable="LORAFORGE_ADAPTER")
     result, records, dora = compute_edit(settings, adapter)
     meta = build_meta(settings, result, edit_params(settings), adapter, records, dora)
     changed = sum(int((result.sigma_new[n] != sp.S).any()) for n, sp in result.spectra.items())
     with tempfile.TemporaryDirectory(prefix="loraforge-edit-") as tmp:
         out = Path(tmp)
+        assert adapter.path is not None
         write_adapter(adapter.path, out, result)
         (out / META).write_text(json.dumps(meta, indent=1))
         plot_spectra(result, out / PLOT)

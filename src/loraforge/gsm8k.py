@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loraforge.data import QA_PROMPT, _read_located
+from loraforge.data import QA_PROMPT, read_located
 from loraforge.errors import PermanentError
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def reference_number(answer: str) -> str | None:
 
 def load_problems(uri: str, *, limit: int | None, seed: int) -> list[Problem]:
     """Every record checked (question and answer strings, a `#### N` answer); then the subset."""
-    records, locations = _read_located(uri, "LORAFORGE_EVAL_DATA")
+    records, locations = read_located(uri, "LORAFORGE_EVAL_DATA")
     problems, bad = [], []
     for index, (record, where) in enumerate(zip(records, locations, strict=True)):
         problem = _problem(index, record, where)
@@ -152,7 +152,7 @@ def subset(problems: list[Problem], limit: int | None, seed: int) -> list[Proble
 
 
 def load_shots(uri: str) -> list[Shot]:
-    records, locations = _read_located(uri, "LORAFORGE_FEWSHOT_DATA")
+    records, locations = read_located(uri, "LORAFORGE_FEWSHOT_DATA")
     shots = []
     for record, where in zip(records, locations, strict=True):
         if not (isinstance(record.get("question"), str) and isinstance(record.get("answer"), str)):

@@ -23,7 +23,7 @@ def normalise(g: torch.Tensor, method: str) -> torch.Tensor:
     if method == "mean_abs":
         return g / g.abs().mean().clamp_min(_EPS)
     if method == "l2":
-        return g / torch.linalg.norm(g).clamp_min(_EPS)
+        return g / torch.linalg.norm(g).clamp_min(_EPS)  # type: ignore[no-any-return]
     return g
 
 
@@ -169,7 +169,7 @@ def preserve_energy(S: torch.Tensor, S_new: torch.Tensor, method: str) -> torch.
     if method == "l1":
         return S_new * (S.sum().clamp_min(_EPS) / S_new.sum().clamp_min(_EPS))
     if method == "l2":
-        return S_new * (
+        return S_new * (  # type: ignore[no-any-return]
             torch.linalg.norm(S).clamp_min(_EPS) / torch.linalg.norm(S_new).clamp_min(_EPS)
         )
     return S_new

@@ -35,6 +35,16 @@ class _Fixed(nn.Module):
         return self._value()
 
 
+def _b_of(
+    U: torch.Tensor, sigma: torch.Tensor, scale: float, dtype: torch.dtype
+) -> Callable[[], torch.Tensor]:
+    return lambda: (U * (sigma / scale)).to(dtype)  # B(σ) = U·diag(σ)/s, (out, r)
+
+
+def _a_of(Vh: torch.Tensor, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    return lambda: Vh.to(dtype)  # A = Vh, (r, in)
+
+
 @contextlib.contextmanager
 def sigma_parametrized(
     model: nn.Module, spectra: dict[str, Spectrum], adapter: str = "default"
@@ -49,20 +59,17 @@ def sigma_parametrized(
             p.requires_grad_(False)
         for name, sp in spectra.items():
             layer = modules[name]
-            lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]  # type: ignore[index]
+            lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
             device, dtype = lora_B.weight.device, lora_B.weight.dtype
             sigma = sp.S.to(device).clone().requires_grad_(True)  # (r,)
             U, Vh = sp.U.to(device), sp.Vh.to(device)  # (out, r), (r, in), fp32
             scale = sp.scale
             parametrize.register_parametrization(
-                lora_B,
-                "weight",
-                _Fixed(lambda U=U, s=sigma, c=scale, t=dtype: (U * (s / c)).to(t)),
-                unsafe=True,
+                lora_B, "weight", _Fixed(_b_of(U, sigma, scale, dtype)), unsafe=True
             )
             patched.append(lora_B)
             parametrize.register_parametrization(
-                lora_A, "weight", _Fixed(lambda Vh=Vh, t=dtype: Vh.to(t)), unsafe=True
+                lora_A, "weight", _Fixed(_a_of(Vh, dtype)), unsafe=True
             )
             patched.append(lora_A)
             sigmas[name] = sigma
