@@ -61,12 +61,7 @@ class LocalBackend:
     """A directory tree on a local or mounted filesystem."""
 
     def read_manifest(self, uri: ArtifactUri) -> bytes | None:
-        try:
-            return (uri.path / MANIFEST_NAME).read_bytes()
-        except FileNotFoundError:
-            return None
-        except NotADirectoryError:
-            return None
+        return _read_or_none(uri.path / MANIFEST_NAME)
 
     def publish(self, src: Path, uri: ArtifactUri, manifest: Manifest) -> None:
         target = uri.path
