@@ -148,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("prefix")
     ls.set_defaults(func=cmd_ls)
 
-    info = sub.add_parser("info", help="versions of loraforge and its libraries")
-    info.set_defaults(func=cmd_info)
+    from loraforge.launcher import client_cmds, render_cmds, sizing_cmds
+
+    sizing_cmds.add_commands(sub)  # gpus, estimate, info, list-models
+    render_cmds.add_commands(sub)  # render
+    client_cmds.add_commands(sub)  # submit, wait, status, logs, cancel
     return parser
 
 
