@@ -37,5 +37,8 @@ RUN pip install ".[vllm]" && rm -rf /src
 
 WORKDIR /work
 USER 10001:10001
+# Batch jobs, not services: Kubernetes ignores HEALTHCHECK, and a job's liveness is its exit
+# code (design.md table) plus activeDeadlineSeconds. NONE also disables any inherited check.
+HEALTHCHECK NONE
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["loraforge", "info"]

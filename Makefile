@@ -12,6 +12,8 @@ JOB         ?= jobs/train.env
 DEMO_DIR    ?= .loraforge/demo
 
 .PHONY: docs image setup test test-s3 test-slow test-gpu test-all demo lint fmt typecheck policy tools clean
+.PHONY: render-examples render-train render-edit render-eval
+.PHONY: submit-train submit-edit submit-eval
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +27,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
-# The default suite: everything but `slow` and `gpu` (S3 tests included: they start SeaweedFS).
-test: setup
+# The default suite: everything but `slow` and `gpu` (S3 tests included: they start SeaweedFS;
+# the policy tests run checkov from the tools venv).
+test: setup tools
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-s3: setup
@@ -74,6 +77,36 @@ tools: $(TOOLS_VENV)/.installed
 policy: tools setup
 	$(TOOLS_VENV)/bin/checkov --quiet --compact --skip-download -d k8s --framework kubernetes
 	$(BIN)/hadolint Dockerfile
+
+# Kubernetes Jobs from the job specs. `make render-train` prints one (JOB=... for another spec,
+# RENDER_FLAGS=... for other flags, e.g. "--gpu auto --s3-secret NAME" against a cluster);
+# `make render-examples` rewrites k8s/examples/, which tests/test_render.py diffs against fresh
+# renders.
+EXAMPLE_FLAGS ?= --gpu a100-80gb --s3-secret loraforge-s3
+RENDER_FLAGS  ?= $(EXAMPLE_FLAGS)
+render_spec = $(if $(filter command line environment,$(origin JOB)),$(JOB),jobs/$(1).env)
+
+render-train render-edit render-eval: render-%: setup
+	@$(BIN)/loraforge render $* --env-file $(call render_spec,$*) $(RENDER_FLAGS)
+
+render-examples: setup
+	@for job in train edit eval; do \
+	  cmd="loraforge render $$job --env-file jobs/$$job.env $(EXAMPLE_FLAGS)"; \
+	  { echo "# Rendered by \`make render-examples\`: $$cmd"; \
+	    echo "# Do not edit: tests/test_render.py diffs this file against a fresh render."; \
+	    $(BIN)/$$cmd; } > k8s/examples/$$job.yaml.tmp \
+	  && mv k8s/examples/$$job.yaml.tmp k8s/examples/$$job.yaml \
+	  || { rm -f k8s/examples/$$job.yaml.tmp; exit 1; }; \
+	done
+
+# Submit a job spec to the cluster of the current kubeconfig context: `make submit-edit` sends
+# jobs/edit.env, `make submit-train JOB=jobs/my.env` another spec. SUBMIT_FLAGS: the flags of
+# `loraforge submit` (S3 credentials, --gpu, --namespace ...).
+SUBMIT_FLAGS ?= --s3-secret loraforge-s3
+submit_spec = $(if $(filter command line environment,$(origin JOB)),$(JOB),jobs/$(1).env)
+
+submit-train submit-edit submit-eval: submit-%: setup
+	$(BIN)/loraforge submit $* --env-file $(call submit_spec,$*) $(SUBMIT_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .loraforge .pytest_cache .mypy_cache .ruff_cache

@@ -43,5 +43,6 @@ def test_calibration_bench_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_eval_bench_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
     bench = load("eval_throughput", monkeypatch)
     # main asserts that batched and one-at-a-time outputs are identical
-    ratio = bench.main("--problems 6 --batch-size 3 --shots 1 --max-new-tokens 8".split())
+    argv = "--problems 6 --batch-size 3 --shots 1 --max-new-tokens 8"
+    ratio = bench.main(argv.split())
     assert math.isfinite(ratio) and ratio > 0

@@ -207,7 +207,26 @@ BAD_INPUTS = {
         lambda t: {"LORAFORGE_MAX_SEQ_LEN": "100000"},
         "LORAFORGE_MAX_SEQ_LEN=100000 is above the model's maximum",
     ),
-    "bidora not yet": (lambda t: {"LORAFORGE_METHOD": "bidora"}, "bidora"),
+    "bidora without a validation split": (
+        lambda t: {
+            "LORAFORGE_METHOD": "bidora",
+            "LORAFORGE_VAL_DATA": "",
+            "LORAFORGE_VAL_FRACTION": "0",
+        },
+        "LORAFORGE_METHOD=bidora trains the magnitude on a validation split",
+    ),
+    "bidora upper steps 0": (
+        lambda t: {"LORAFORGE_METHOD": "bidora", "LORAFORGE_BIDORA_UPPER_STEPS": "0"},
+        "LORAFORGE_BIDORA_UPPER_STEPS=0",
+    ),
+    "bidora on int8": (
+        lambda t: {"LORAFORGE_METHOD": "bidora", "LORAFORGE_QUANTIZATION": "int8"},
+        "LORAFORGE_QUANTIZATION=int8 with LORAFORGE_METHOD=bidora",
+    ),
+    "dora on int8": (
+        lambda t: {"LORAFORGE_METHOD": "dora", "LORAFORGE_QUANTIZATION": "int8"},
+        "LORAFORGE_QUANTIZATION=int8 with LORAFORGE_METHOD=dora",
+    ),
 }
 
 

@@ -226,7 +226,8 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, 
     targets = batch.labels[:, 1:]  # (B, T-1): the logit at t predicts the label at t+1
     keep = targets != IGNORE_INDEX
     # upcast only the logits that take loss: prompts are most of a GSM8K micro-batch
-    selected = logits[:, :-1][keep].float()  # (n_label_tokens, V)
+    selected = logits[:, :-1][keep]  # (n_label_tokens, V), at least fp32 (fp64 stays fp64)
+    selected = selected.to(torch.promote_types(selected.dtype, torch.float32))
     loss_sum = F.cross_entropy(selected, targets[keep], reduction="sum")
     return loss_sum, batch.n_label_tokens
 

@@ -64,13 +64,27 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
 
     def __post_init__(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
+            self.param_groups(),
+            lr=self.settings.learning_rate,
+            weight_decay=self.settings.weight_decay,
         )
         self.attn = getattr(self.model.config, "_attn_implementation", "sdpa")
         self.state.fingerprint = checkpoint.fingerprint(self.settings)
         self._last_checkpoint = time.monotonic()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups; a group's `lr_mult` scales the scheduled learning rate."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def set_learning_rate(self, step: int) -> None:
+        factor = lr_factor(step, self.settings.warmup, self.settings.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.learning_rate * factor * group.get("lr_mult", 1.0)
+
+    def progress_metrics(self) -> dict[str, float]:
+        """Extra figures for the progress line (BiDoRA adds its upper-level loss)."""
+        return {}
 
     # --- data ---------------------------------------------------------------------------------
 
@@ -110,9 +124,7 @@ class Trainer:
                 [p for p in self.model.parameters() if p.requires_grad],
                 self.settings.max_grad_norm,
             )
-        factor = lr_factor(step, self.settings.warmup, self.settings.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.settings.learning_rate * factor
+        self.set_learning_rate(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / n_labels, sum(b.n_tokens for b in batches)
@@ -143,7 +155,9 @@ class Trainer:
             window.append(loss)
             step = self.state.step
             lr = self.optimizer.param_groups[0]["lr"]
-            progress.update(step, tokens, force=step == s.max_steps, loss=loss, lr=lr)
+            progress.update(
+                step, tokens, force=step == s.max_steps, loss=loss, lr=lr, **self.progress_metrics()
+            )
             if s.eval_interval and step % s.eval_interval == 0 and step < s.max_steps:
                 self.state.val_loss = self.validation_loss()
                 log.info(
@@ -209,8 +223,6 @@ class Trainer:
 
 
 def build_trainer(settings: TrainSettings, ctx: JobContext) -> Trainer:
-    if settings.method == "bidora":
-        raise PermanentError("LORAFORGE_METHOD=bidora is not available yet (issue #8): use dora")
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.precision, device)
     path = base_model_path(settings)
@@ -218,6 +230,7 @@ def build_trainer(settings: TrainSettings, ctx: JobContext) -> Trainer:
     train_set, val_set = data.load_datasets(settings, tokenizer)
     _check_lengths(settings, path, train_set + val_set)
     quantization = resolve_quantization(settings, device, path)
+    _check_dora_quantization(settings, quantization)
     attention = attention_backend(settings.packing, device, model_config(path))
     model = load_base_model(path, settings, device, dtype, quantization, attention)
     checkpointing = resolve_checkpointing(settings, device, path, quantization)
@@ -235,7 +248,22 @@ def build_trainer(settings: TrainSettings, ctx: JobContext) -> Trainer:
         f"{len(train_set)} examples ({len(val_set)} for validation), {device}, {dtype}, "
         f"quantization {quantization}, attention {attention}"
     )
+    if settings.method == "bidora":
+        from loraforge.bidora import BiDoRATrainer
+
+        return BiDoRATrainer(settings, peft_model, train_set, val_set, device, dtype, int(pad), ctx)
     return Trainer(settings, peft_model, train_set, val_set, device, dtype, int(pad), ctx)
+
+
+def _check_dora_quantization(settings: TrainSettings, quantization: str) -> None:
+    """PEFT's DoRA on a bitsandbytes int8 base fails from the second forward pass: DoRA
+    dequantizes the weight for its norm and the layer's int8 state is gone afterwards (measured
+    with peft 0.21.2, bitsandbytes 0.50.2 on the CPU; LoRA on int8 is unaffected)."""
+    if quantization == "int8" and settings.method in ("dora", "bidora"):
+        raise PermanentError(
+            f"LORAFORGE_QUANTIZATION=int8 with LORAFORGE_METHOD={settings.method}: PEFT's DoRA "
+            "breaks a bitsandbytes int8 base after its first forward pass; use nf4 or none"
+        )
 
 
 def _check_lengths(settings: TrainSettings, path: str, examples: list[data.Example]) -> None:

@@ -95,13 +95,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from loraforge.manifest import library_versions
-
-    print(json.dumps({"loraforge": __version__, "versions": library_versions()}, indent=2))
-    return EXIT_OK
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraforge", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"loraforge {__version__}")

@@ -123,6 +123,30 @@ class TrainSettings(JobSettings):
     checkpoints: str | None = None
     """Where checkpoints are published; default `<LORAFORGE_OUTPUT>-checkpoints`."""
 
+    bidora_lower_steps: int = Field(default=1, ge=1)
+    """BiDoRA: direction (LoRA A, B) steps on the training split per round."""
+
+    bidora_upper_steps: int = 1
+    """BiDoRA: magnitude steps on the validation split per round (at least 1)."""
+
+    bidora_upper_lr_mult: float = Field(default=1.0, gt=0)
+    """BiDoRA: the magnitude's learning rate as a multiple of LORAFORGE_LEARNING_RATE."""
+
+    bidora_hypergradient: Literal["second_order", "first_order"] = "second_order"
+    """BiDoRA: `second_order` (DARTS-style unrolled step with a finite-difference Hessian-vector
+    product) or `first_order` (the direct gradient of the validation loss)."""
+
+    bidora_xi: float | None = Field(default=None, gt=0)
+    """BiDoRA: step size of the unrolled direction step in the hypergradient; default the
+    learning rate."""
+
+    bidora_orth_reg: float = Field(default=0.0, ge=0)
+    """BiDoRA: weight of the direction orthogonality regulariser ||AAᵀ-I||² + ||BᵀB-I||²."""
+
+    bidora_final_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """BiDoRA: fraction of LORAFORGE_MAX_STEPS trained at the end on the direction alone, with the
+    magnitude fixed."""
+
     @field_validator("target_modules", mode="before")
     @classmethod
     def _targets(cls, value: object) -> object:
@@ -130,6 +154,11 @@ class TrainSettings(JobSettings):
         if isinstance(value, list) and not value:
             raise ValueError("name at least one module (e.g. q_proj,v_proj) or all-linear")
         return value
+
+    @field_validator("val_data", "checkpoints", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("rank_pattern", "alpha_pattern", mode="before")
     @classmethod
@@ -140,6 +169,17 @@ class TrainSettings(JobSettings):
     def _consistent(self) -> TrainSettings:
         if any(r < 1 for r in self.rank_pattern.values()):
             raise ValueError("LORAFORGE_RANK_PATTERN: every rank must be >= 1")
+        if self.method == "bidora":
+            if self.bidora_upper_steps < 1:
+                raise ValueError(
+                    f"LORAFORGE_BIDORA_UPPER_STEPS={self.bidora_upper_steps}: bidora needs at "
+                    "least 1 magnitude step per round (or train LORAFORGE_METHOD=dora)"
+                )
+            if self.val_data is None and self.val_fraction == 0:
+                raise ValueError(
+                    "LORAFORGE_METHOD=bidora trains the magnitude on a validation split: set "
+                    "LORAFORGE_VAL_DATA or LORAFORGE_VAL_FRACTION above 0"
+                )
         return self
 
     @property
