@@ -130,3 +130,14 @@ def test_identical_outcomes_give_a_zero_interval_and_p_one() -> None:
     ref = [True, False, True, True]
     result = stats.paired_bootstrap(ref, ref, 200, seed=0)
     assert (result.difference, result.low, result.high, result.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("n", [1, 7, 100, 1000, 12345])
+def test_wilson_interval_holds_the_estimate_at_the_ends(n: int) -> None:
+    # k = 0 and k = n: the interval starts at exactly 0 / ends at exactly 1, never an epsilon
+    # past the estimate (a negative error bar made the report's plot fail)
+    assert stats.wilson_interval(0, n)[0] == 0.0
+    assert stats.wilson_interval(n, n)[1] == 1.0
+    for k in range(0, n + 1, max(1, n // 50)):
+        low, high = stats.wilson_interval(k, n)
+        assert low <= k / n <= high

@@ -229,8 +229,8 @@ def bar_chart(m: dict[str, Any], path: Path) -> None:
     for offset, key in ((-width / 2, "strict"), (width / 2, "flexible")):
         acc = [100 * a[key]["accuracy"] for a in m["adapters"]]
         err = [
-            [100 * (a[key]["accuracy"] - a[key]["ci95"][0]) for a in m["adapters"]],
-            [100 * (a[key]["ci95"][1] - a[key]["accuracy"]) for a in m["adapters"]],
+            [100 * max(0.0, a[key]["accuracy"] - a[key]["ci95"][0]) for a in m["adapters"]],
+            [100 * max(0.0, a[key]["ci95"][1] - a[key]["accuracy"]) for a in m["adapters"]],
         ]
         xs = [i + offset for i in range(len(labels))]
         bars = ax.bar(xs, acc, width, yerr=err, capsize=4, label=MATCH_NAMES[key])

@@ -29,7 +29,10 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     z2 = z * z
     center = (p_hat + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p_hat * (1 - p_hat) / n + z2 / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # exactly 0 at k = 0 and 1 at k = n (rounding can leave center - half at 1e-18)
+    low = 0.0 if k == 0 else max(0.0, center - half)
+    high = 1.0 if k == n else min(1.0, center + half)
+    return low, high
 
 
 def mcnemar_exact(b: int, c: int) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 from collections.abc import Callable
@@ -141,11 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("prefix")
     ls.set_defaults(func=cmd_ls)
 
-    from loraforge.launcher import client_cmds, render_cmds, sizing_cmds
+    from loraforge.launcher import client_cmds, pipeline, render_cmds, sizing_cmds
 
     sizing_cmds.add_commands(sub)  # gpus, estimate, info, list-models
     render_cmds.add_commands(sub)  # render
     client_cmds.add_commands(sub)  # submit, wait, status, logs, cancel
+    pipeline.add_commands(sub)  # pipeline
     return parser
 
 
@@ -158,4 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     except LoraforgeError as exc:
         print(f"loraforge {args.command}: {exc}", file=sys.stderr)
         code = exc.exit_code
+    except BrokenPipeError:  # `loraforge gpus | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
     sys.exit(code)
