@@ -3,8 +3,12 @@
 # read-only root filesystem friendly (HOME and caches on writable emptyDirs in the Job).
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
-ARG TORCH_SPEC="torch==2.13.0"
+# vllm 0.33 pins torch 2.14.0: the image's torch must be the one vllm accepts, or pip replaces it.
+# A CPU image without vllm (the kind e2e workflow): --build-arg EXTRAS= --build-arg
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_SPEC="torch==2.14.0"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cu128"
+ARG EXTRAS="vllm"
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -32,8 +36,9 @@ RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
+# TORCH_SPEC again: pip must resolve the extras against the torch installed above, not swap it
 # hadolint ignore=DL3013
-RUN pip install ".[vllm]" && rm -rf /src
+RUN pip install ".${EXTRAS:+[${EXTRAS}]}" "${TORCH_SPEC}" && rm -rf /src
 
 WORKDIR /work
 USER 10001:10001

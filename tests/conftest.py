@@ -59,6 +59,7 @@ class SeaweedS3:
                 "s3.port",
                 "s3.port.grpc",
                 "s3.port.iceberg",
+                "s3.port.lance",
                 "webdav.port",
                 "admin.port",
                 "admin.port.grpc",

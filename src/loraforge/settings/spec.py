@@ -89,5 +89,5 @@ def refresh_readme(path: Path) -> None:
 if __name__ == "__main__":  # python -m loraforge.settings.spec: refresh README and jobs/*.env
     root = Path.cwd()
     refresh_readme(root / "README.md")
-    for spec in sorted((root / "jobs").glob("*.env")):
+    for spec in sorted((root / "jobs").rglob("*.env")):
         refresh_spec(spec)
