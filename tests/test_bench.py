@@ -46,3 +46,10 @@ def test_eval_bench_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
     argv = "--problems 6 --batch-size 3 --shots 1 --max-new-tokens 8"
     ratio = bench.main(argv.split())
     assert math.isfinite(ratio) and ratio > 0
+
+
+def test_bidora_bench_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load("bidora", monkeypatch)
+    result = bench.main("--steps 4 --seeds 0 --n-train 100".split())
+    assert result["step_time_ratio"] > 1.0  # the hypergradient's extra passes cost something
+    assert math.isfinite(result["loss_delta"])
