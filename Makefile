@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 JOB         ?= jobs/train.env
 DEMO_DIR    ?= .loraforge/demo
 
-.PHONY: docs image setup test test-s3 test-slow test-gpu test-all demo lint fmt typecheck policy tools clean
+.PHONY: docs image setup test test-s3 test-slow test-gpu test-all test-faults demo lint fmt typecheck policy tools clean
 .PHONY: render-examples render-train render-edit render-eval
 .PHONY: submit-train submit-edit submit-eval
 
@@ -43,6 +43,12 @@ test-gpu: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The fault and bad-input suite in full (RELIABILITY.md): the kill-and-resume matrix, store
+# faults against SeaweedFS, bad inputs through the real entrypoints, secrets scan, load. Its
+# fast part also runs in `make test`. RELIABILITY_DIR=dir collects the figures as JSON lines.
+test-faults: setup
+	$(BIN)/python -m pytest -m "faults and not gpu" $(PYTEST_ARGS)
 
 # The main flow on CPU, offline: tiny kit -> train a LoRA -> edit (abs_select and the
 # random_index control) -> eval of base, trained, edited and control adapters.

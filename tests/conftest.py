@@ -18,6 +18,9 @@ import pytest
 
 ACCESS_KEY = "loraforge-test"
 SECRET_KEY = "s3cr3t-value-never-logged"
+# A second identity that may read and list but not write (a bucket policy seen from a job).
+READER_KEY = "loraforge-reader"
+READER_SECRET = "r3ader-s3cr3t-never-logged"
 
 
 def free_port() -> int:
@@ -72,7 +75,12 @@ class SeaweedS3:
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
-        config.write_text(json.dumps({"identities": [identity]}))
+        reader = {
+            "name": "reader",
+            "credentials": [{"accessKey": READER_KEY, "secretKey": READER_SECRET}],
+            "actions": ["Read", "List"],
+        }
+        config.write_text(json.dumps({"identities": [identity, reader]}))
         args = [
             weed_binary(),
             "mini",
@@ -107,9 +115,12 @@ class SeaweedS3:
         deadline = time.monotonic() + timeout
         while True:
             assert self.proc is not None and self.proc.poll() is None, self.log_tail()
-            try:
+            try:  # a bucket, and an object's bytes: the volume server is up too
                 probe = f"ready-{uuid.uuid4().hex[:8]}"
                 client.create_bucket(Bucket=probe)
+                client.put_object(Bucket=probe, Key="probe", Body=b"ready")
+                assert client.get_object(Bucket=probe, Key="probe")["Body"].read() == b"ready"
+                client.delete_object(Bucket=probe, Key="probe")
                 client.delete_bucket(Bucket=probe)
                 return
             except Exception:
@@ -192,3 +203,31 @@ def tiny_kit(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     from loraforge.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "kit", n_train=400, n_val=40, n_test=40)
+
+
+@pytest.fixture(scope="session")
+def jobs(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Forked job processes for the fault suite (tests/faults.py): ~0.5 s a job, not ~5 s."""
+    from tests.faults import Jobs
+
+    return Jobs(tmp_path_factory.mktemp("jobs"))
+
+
+_REFERENCES: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def reference(jobs, tiny_kit, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The uninterrupted training run of a method (tests/faults.py): its adapter's URI."""
+    from tests.faults import train_env
+
+    root = tmp_path_factory.mktemp("reference")
+
+    def get(method: str) -> str:
+        if method not in _REFERENCES:
+            done = jobs.run("train", train_env(tiny_kit, str(root), method, f"ref-{method}"))
+            assert done.code == 0, done.err[-3000:]
+            _REFERENCES[method] = str(root / f"ref-{method}" / "train")
+        return _REFERENCES[method]
+
+    return get

@@ -119,6 +119,7 @@ def test_second_publish_is_refused_and_first_stays_intact(root: str, tmp_path: P
     [(b"b" * 50_000, "sha256"), (b"a" * 49_999, "size")],
     ids=["corrupted", "truncated"],
 )
+@pytest.mark.faults
 def test_damaged_file_is_detected_on_read(
     root: str, tmp_path: Path, damage: bytes, match: str
 ) -> None:
@@ -159,6 +160,7 @@ def test_listing_finds_nested_artifacts_only(root: str, tmp_path: Path) -> None:
     assert store.list_artifacts(f"{root}/r2") == [f"{root}/r2/train"]
 
 
+@pytest.mark.faults
 def test_concurrent_publishers_exactly_one_wins(root: str, tmp_path: Path) -> None:
     uri = f"{root}/race/train"
     outcomes: dict[bytes, str] = {}
@@ -183,6 +185,7 @@ def test_concurrent_publishers_exactly_one_wins(root: str, tmp_path: Path) -> No
     assert (artifact.path / "extra/notes.txt").read_bytes() == b"notes " + winners[0]
 
 
+@pytest.mark.faults
 def test_unsafe_manifest_paths_are_refused(tmp_path: Path) -> None:
     uri = str(tmp_path / "store" / "evil")
     store.publish(make_dir(tmp_path / "a", adapter_files()), uri, job="train", run_id="r")
@@ -194,6 +197,7 @@ def test_unsafe_manifest_paths_are_refused(tmp_path: Path) -> None:
         store.fetch(uri)
 
 
+@pytest.mark.faults
 def test_symlinks_are_not_published(tmp_path: Path) -> None:
     src = make_dir(tmp_path / "a", adapter_files())
     (src / "link").symlink_to(src / "adapter_config.json")
@@ -231,6 +235,7 @@ def test_secret_values_never_reach_a_manifest(
     assert "hf_abcdefSECRETvalue" not in text and "token is ***" in text
 
 
+@pytest.mark.faults
 def test_local_publish_killed_at_any_point_is_all_or_nothing(tmp_path: Path) -> None:
     src = make_dir(tmp_path / "big", {f"part{i}.bin": os.urandom(8 * MIB) for i in range(6)})
     script = (
@@ -271,6 +276,7 @@ def test_large_files_upload_in_parts(s3_bucket: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
+@pytest.mark.faults
 def test_upload_survives_a_paused_server(s3_env, s3_bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src = make_dir(tmp_path / "a", {f"p{i}.bin": os.urandom(4 * MIB) for i in range(4)})
     uri = f"{s3_bucket}/paused"
@@ -289,6 +295,7 @@ def test_upload_survives_a_paused_server(s3_env, s3_bucket: str, tmp_path: Path)
 
 
 @pytest.mark.s3
+@pytest.mark.faults
 def test_server_killed_mid_publish_leaves_no_artifact(
     s3_env,
     s3_bucket: str,
@@ -326,9 +333,16 @@ def test_server_killed_mid_publish_leaves_no_artifact(
     parsed = parse_uri(uri)
     keys = boto3.session.Session().client("s3").list_objects_v2(Bucket=parsed.bucket)["Contents"]
     assert any("/.data/" in obj["Key"] for obj in keys)  # the first file did go up
+    # the retry (a new pod) publishes whole, its own files only; the orphan stays invisible
+    manifest = store.publish(src, uri, job="t", run_id="r")
+    orphans = {k["Key"].split("/.data/")[1].split("/")[0] for k in keys if "/.data/" in k["Key"]}
+    assert manifest.data_prefix.removeprefix(".data/") not in orphans
+    assert store.fetch(uri, tmp_path / "out").manifest == manifest
+    assert store.list_artifacts(s3_bucket) == [uri]
 
 
 @pytest.mark.s3
+@pytest.mark.faults
 def test_wrong_credentials_fail_permanently(
     s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -341,6 +355,7 @@ def test_wrong_credentials_fail_permanently(
 
 
 @pytest.mark.s3
+@pytest.mark.faults
 def test_missing_bucket_fails_permanently(s3_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PermanentError, match="bucket 'no-such-bucket-x' does not exist"):
         store.publish(
@@ -351,6 +366,7 @@ def test_missing_bucket_fails_permanently(s3_env, tmp_path: Path) -> None:  # ty
         )
 
 
+@pytest.mark.faults
 def test_unreachable_endpoint_is_transient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.conftest import free_port
 

@@ -65,8 +65,9 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
-    train_loss: float | None = None  # mean over the last logging window
+    train_loss: float | None = None  # mean of recent_losses
     val_loss: float | None = None
+    recent_losses: list[float] = field(default_factory=list)  # the last steps' losses
     python_rng: Any = None
     fingerprint: dict[str, Any] = field(default_factory=dict)
 

@@ -11,6 +11,7 @@ Every record of a dataset has the same format, recognised from its keys (first m
 | `instruction`, `output`, input | the Alpaca template               | `output`                |
 | `prompt`, `completion`         | `prompt`                          | `completion`            |
 | `question`, `answer`           | `Question: {question}\nAnswer:`   | ` {answer}` (lm-eval)   |
+| `code`                         | (none)                            | `code` (whole text)     |
 | `text`                         | (none)                            | `text`                  |
 
 The response always ends with the tokenizer's EOS, so the adapter learns to stop. Examples
@@ -241,6 +242,11 @@ def _text(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> Pair
     return "", record["text"]
 
 
+def _code(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> Pair:
+    """Code-only records (the BiDoRA seed's third format): the loss is on the whole source."""
+    return "", record["code"]
+
+
 def _chat(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> Pair:
     """Prompt: the template up to the last turn, with the assistant header. Response: the rest of
     the full rendering, i.e. the last assistant content plus the template's end of turn."""
@@ -272,6 +278,7 @@ FORMATS = (  # in detection order: Alpaca records often carry a `text` column to
     Format("instruction/input/output", ("instruction", "output"), "output", _alpaca, ("input",)),
     Format("prompt/completion", ("prompt", "completion"), "completion", _prompt_completion),
     Format("question/answer", ("question", "answer"), "answer", _question_answer),
+    Format("code", ("code",), "code", _code),
     Format("text", ("text",), "text", _text),
 )
 

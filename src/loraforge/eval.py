@@ -1,10 +1,13 @@
 """The eval job (`loraforge-eval`): settings -> problems and adapters -> generate -> score ->
-publish `predictions.jsonl`, `metrics.json`, `report.md` and `accuracy.png` as one artifact.
+publish `predictions.jsonl`, `metrics.json`, `report.md` and a chart as one artifact.
 
-Every input is checked before the model loads (data, few-shot pool, adapters, engine), and all
-problems found are reported in one line. The base loads once; every problem is generated once
-per adapter, from the same token ids for every adapter and engine (`loraforge.gsm8k`).
-Nothing is published unless everything succeeded.
+Two tasks: `gsm8k` (`loraforge.gsm8k`: exact match of the final number, `accuracy.png`) and
+`humaneval` (`loraforge.humaneval`: n completions per problem run against their tests in the
+sandbox, `loraforge.sandbox`, pass@k, `pass_at_k.png`). Every input is checked before the model
+loads (data, few-shot pool, adapters, engine, the sandbox), and all problems found are reported
+in one line. The base loads once; every problem is generated once per adapter and sample, from
+the same token ids for every adapter and engine. Nothing is published unless everything
+succeeded.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from typing import Any, TypeVar
 import torch
 
 from loraforge import adapters as adapters_mod
-from loraforge import engines, gsm8k, report, store
+from loraforge import engines, gsm8k, humaneval, report, sandbox, store
 from loraforge.adapters import Adapter
-from loraforge.engines import Engine, Generation, end_token_ids
+from loraforge.engines import Decoding, Engine, Generation, end_token_ids
 from loraforge.errors import PermanentError
 from loraforge.logs import Progress
 from loraforge.manifest import input_record
@@ -38,18 +41,32 @@ from loraforge.settings import EvalSettings
 
 log = logging.getLogger("loraforge.eval")
 T = TypeVar("T")
-FILES = ("predictions.jsonl", "metrics.json", "report.md", "accuracy.png")
+CHARTS = {"gsm8k": "accuracy.png", "humaneval": humaneval.CHART}
+Problem = gsm8k.Problem | humaneval.Problem
+
+
+def files(task: str) -> tuple[str, ...]:
+    return ("predictions.jsonl", "metrics.json", "report.md", CHARTS[task])
 
 
 @dataclass(frozen=True)
 class Inputs:
     """Everything checked before the model loads."""
 
-    problems: list[gsm8k.Problem]
+    problems: Sequence[Problem]
     pool: list[gsm8k.Shot]
     fewshot_uri: str | None
     adapters: list[Adapter]
     engine: str
+    isolation: sandbox.Isolation | None = None  # humaneval: how programs are run
+
+
+def math_problems(inputs: Inputs) -> list[gsm8k.Problem]:
+    return [p for p in inputs.problems if isinstance(p, gsm8k.Problem)]
+
+
+def code_problems(inputs: Inputs) -> list[humaneval.Problem]:
+    return [p for p in inputs.problems if isinstance(p, humaneval.Problem)]
 
 
 def gather(settings: EvalSettings) -> Inputs:
@@ -63,13 +80,17 @@ def gather(settings: EvalSettings) -> Inputs:
             problems_found.append(str(exc))
             return fallback
 
-    problems: list[gsm8k.Problem] = attempt(
-        lambda: gsm8k.load_problems(
-            settings.eval_data, limit=settings.eval_limit, seed=settings.seed
-        ),
-        [],
-    )
-    fewshot_uri = settings.fewshot_data or gsm8k.default_fewshot_uri(settings.eval_data)
+    limit, seed = settings.eval_limit, settings.seed
+    problems: Sequence[Problem]
+    isolation = None
+    if settings.task == "humaneval":
+        problems = attempt(
+            lambda: humaneval.load_problems(settings.data, limit=limit, seed=seed), []
+        )
+        isolation = attempt(probe_sandbox, None)
+    else:
+        problems = attempt(lambda: gsm8k.load_problems(settings.data, limit=limit, seed=seed), [])
+    fewshot_uri = settings.fewshot_data or gsm8k.default_fewshot_uri(settings.data)
     pool: list[gsm8k.Shot] = (
         attempt(lambda: gsm8k.load_shots(fewshot_uri), []) if settings.shots else []
     )
@@ -84,12 +105,31 @@ def gather(settings: EvalSettings) -> Inputs:
     if problems_found:
         raise PermanentError("; ".join(problems_found))
     log.info(f"engine {engine}: {why}", extra={"event": "engine", "engine": engine})
-    if settings.shots and fewshot_uri == settings.eval_data:
+    if settings.shots and fewshot_uri == settings.data:
         log.warning(
-            f"few-shot examples are drawn from {settings.eval_data} itself (never a problem's "
+            f"few-shot examples are drawn from {settings.data} itself (never a problem's "
             "own): set LORAFORGE_FEWSHOT_DATA to a training split for lm-eval's setup"
         )
-    return Inputs(problems, pool, fewshot_uri if settings.shots else None, adapters, engine)
+    fewshot = fewshot_uri if settings.shots else None
+    return Inputs(problems, pool, fewshot, adapters, engine, isolation)
+
+
+def probe_sandbox() -> sandbox.Isolation:
+    """How generated code will run here (logged); PermanentError when no process can start."""
+    try:
+        isolation = sandbox.probe()
+    except sandbox.SandboxUnavailable as exc:
+        raise PermanentError(
+            f"LORAFORGE_TASK=humaneval: {exc}: run the job as a user that can execute its own "
+            "Python interpreter (the image's non-root user can)"
+        ) from exc
+    log.info(f"sandbox: {isolation.description}", extra={"event": "sandbox"})
+    if "net" not in isolation.namespaces:
+        log.warning(
+            "generated code runs without a network namespace here: only the sandbox's audit "
+            "hook (a Python-level check) keeps it off the network the pod may reach"
+        )
+    return isolation
 
 
 # --- prompts ------------------------------------------------------------------------------------
@@ -99,6 +139,9 @@ def build_prompts(
     settings: EvalSettings, inputs: Inputs, tokenizer: Any
 ) -> tuple[list[list[int]], list[list[int]]]:
     """(token ids, few-shot indices) per problem."""
+    if settings.task == "humaneval":
+        code = code_problems(inputs)
+        return [humaneval.encode_prompt(p, tokenizer) for p in code], [[] for _ in code]
     if settings.chat_template and not getattr(tokenizer, "chat_template", None):
         raise PermanentError(
             f"LORAFORGE_CHAT_TEMPLATE=true but the tokenizer of {settings.base_model} has no chat "
@@ -106,7 +149,7 @@ def build_prompts(
         )
     sampler = gsm8k.ShotSampler(inputs.pool, settings.shots, settings.seed)
     prompts, shot_ids = [], []
-    for problem in inputs.problems:
+    for problem in math_problems(inputs):
         drawn = sampler.draw(problem)
         shots = [inputs.pool[i] for i in drawn]
         prompts.append(gsm8k.encode_prompt(problem, shots, tokenizer, settings.chat_template))
@@ -116,7 +159,7 @@ def build_prompts(
 
 def token_budgets(
     prompts: Sequence[list[int]],
-    problems: Sequence[gsm8k.Problem],
+    problems: Sequence[Problem],
     new_tokens: int,
     context: int | None,
 ) -> list[int]:
@@ -138,6 +181,16 @@ def token_budgets(
             f"{context}-token context; their answers may be cut short"
         )
     return budgets
+
+
+def decoding(settings: EvalSettings) -> tuple[Decoding, tuple[str, ...]]:
+    """(how tokens are chosen, the stop strings) of the task."""
+    if settings.task == "gsm8k":
+        return Decoding(seed=settings.seed), gsm8k.STOP_STRINGS
+    chosen = Decoding(
+        settings.samples, settings.sampling_temperature, settings.sampling_top_p, settings.seed
+    )
+    return chosen, humaneval.STOP_STRINGS
 
 
 def context_length(config: Any, tokenizer: Any) -> int | None:
@@ -167,8 +220,10 @@ def build_engine(
     eos = end_token_ids(tokenizer, base.generation_config.eos_token_id)
     model, names = attach_adapters(base, inputs.adapters, settings.base_model)
     log.info(f"base {settings.base_model} loaded once on {device} ({dtype}); adapters: {names}")
-    stops = Stops(tokenizer, eos)
-    return TransformersEngine(model, tokenizer, names, settings.batch_size, stops), context
+    chosen, strings = decoding(settings)
+    stops = Stops(tokenizer, eos, strings)
+    engine = TransformersEngine(model, tokenizer, names, settings.batch_size, stops, chosen)
+    return engine, context
 
 
 def _vllm_engine(
@@ -195,7 +250,9 @@ def _vllm_engine(
         settings.gpu_memory_utilization,
     )
     eos = sorted(end_token_ids(tokenizer, generation_eos))
-    return VllmEngine(args, eos, settings.seed), context_length(meta.config, tokenizer)
+    chosen, strings = decoding(settings)
+    engine = VllmEngine(args, eos, settings.seed, chosen, strings)
+    return engine, context_length(meta.config, tokenizer)
 
 
 # --- scoring and publishing ---------------------------------------------------------------------
@@ -232,14 +289,14 @@ def score(
 def setup_summary(settings: EvalSettings, inputs: Inputs, engine: str) -> dict[str, Any]:
     return {
         "base model": settings.base_model,
-        "eval data": settings.eval_data,
+        "eval data": settings.data,
         "problems": f"{len(inputs.problems)}"
         + (
             f" (LORAFORGE_EVAL_LIMIT={settings.eval_limit}, seed {settings.seed})"
             if settings.eval_limit
             else ""
         ),
-        "profile": settings.profile,
+        "profile": settings.profile_name,
         "few-shot": f"{settings.shots} from {inputs.fewshot_uri}" if settings.shots else "0",
         "max new tokens": settings.new_tokens,
         "chat template": settings.chat_template,
@@ -262,7 +319,7 @@ def write_outputs(
         settings.seed,
     )
     m |= {
-        "profile": settings.profile,
+        "profile": settings.profile_name,
         "num_fewshot": settings.shots,
         "max_new_tokens": settings.new_tokens,
         "engine": engine,
@@ -278,7 +335,7 @@ def write_outputs(
 
 def publish(settings: EvalSettings, inputs: Inputs, out: Path, m: dict[str, Any]) -> None:
     records = [dict(input_record(settings.base_model, None), revision=settings.base_revision)]
-    records.append(dict(input_record(settings.eval_data, None)))
+    records.append(dict(input_record(settings.data, None)))
     if inputs.fewshot_uri:
         records.append(dict(input_record(inputs.fewshot_uri, None)))
     records += [
@@ -305,26 +362,41 @@ def run(settings: EvalSettings, ctx: JobContext) -> None:
     prompts, shot_ids = build_prompts(settings, inputs, tokenizer)
     engine, context = build_engine(settings, inputs, path, tokenizer)
     budgets = token_budgets(prompts, inputs.problems, settings.new_tokens, context)
-    total = len(prompts) * len(inputs.adapters)
+    n = settings.samples  # 1 for gsm8k
+    total = len(prompts) * n * len(inputs.adapters)
     progress = Progress(log, total=total)
     done = 0
 
-    def on_batch(problems: int, tokens: int) -> None:
+    def on_batch(completions: int, tokens: int) -> None:
         nonlocal done
-        done += problems
+        done += completions
         progress.update(done, tokens, force=done == total)
 
     log.info(
-        f"generating {len(prompts)} problems x {len(inputs.adapters)} adapters with {engine.name}"
+        f"generating {len(prompts)} problems x {n} samples x {len(inputs.adapters)} adapters "
+        f"with {engine.name}"
     )
     generations = engine.generate(inputs.adapters, prompts, budgets, on_batch)
-    predictions = score(inputs.problems, shot_ids, inputs.adapters, generations)
     with tempfile.TemporaryDirectory(prefix="loraforge-eval-") as tmp:
-        m = write_outputs(Path(tmp), settings, inputs, predictions, engine.name)
+        if settings.task == "humaneval":
+            assert inputs.isolation is not None  # gather probed it
+            problems, adapters = code_problems(inputs), inputs.adapters
+            rows, ran = humaneval.execute(
+                settings, problems, adapters, generations, inputs.isolation
+            )
+            m = humaneval.write_outputs(
+                Path(tmp), settings, problems, adapters, rows, ran, engine.name
+            )
+            verdict = report.code_verdict(m)
+        else:
+            predictions = score(math_problems(inputs), shot_ids, inputs.adapters, generations)
+            m = write_outputs(Path(tmp), settings, inputs, predictions, engine.name)
+            verdict = report.verdict(m, settings.metric)
         publish(settings, inputs, Path(tmp), m)
-    for line in report.verdict(m, settings.metric):
+    for line in verdict:
         log.info(line.replace("**", ""), extra={"event": "verdict"})
-    log.info(f"published {settings.output_uri}: {', '.join(FILES)}", extra={"event": "published"})
+    published = ", ".join(files(settings.task))
+    log.info(f"published {settings.output_uri}: {published}", extra={"event": "published"})
 
 
 def main() -> None:

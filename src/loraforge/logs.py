@@ -2,8 +2,10 @@
 
 Every record passes `SecretScrubber`, which replaces the values of secret environment variables
 (AWS keys, tokens, passwords) and of `SecretStr` settings with `***`, wherever they appear in
-the message or its fields. Progress of long work goes through `Progress`, which logs step, loss,
-tokens/s and ETA as fields, so a pod's log is machine-readable and a terminal shows one line.
+the message or its fields, and anything shaped like a credential whatever its source: the
+`user:password@` of a URI, a presigned URL's signature, an AWS key id, a Hugging Face token.
+Progress of long work goes through `Progress`, which logs step, loss, tokens/s and ETA as fields,
+so a pod's log is machine-readable and a terminal shows one line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,18 @@ REDACTED = "***"
 # Names of environment variables whose values are secrets.
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|_KEY$|_KEY_ID$|API_KEY")
 _MIN_SECRET_LEN = 4  # shorter values would blank out ordinary words
+# A value shaped like a credential, whatever the name: AWS key ids, Hugging Face tokens,
+# user:password@ in a URI (the launcher refuses a spec holding one).
+CREDENTIAL_VALUE = re.compile(
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bhf_[A-Za-z0-9]{30,}\b|://[^/\s:@]+:[^/\s@]+@"
+)
+# What of a credential-shaped text is replaced: a URI's user:password, a presigned URL's
+# signature, credential and token parameters, AWS key ids, Hugging Face tokens.
+_CREDENTIAL_PARTS = (
+    (re.compile(r"(://)[^/\s:@]+:[^/\s@]+@"), r"\1***@"),
+    (re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s]+", re.I), r"\1***"),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bhf_[A-Za-z0-9]{30,}\b"), REDACTED),
+)
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
 
@@ -47,7 +61,7 @@ class SecretScrubber(logging.Filter):
         # longest first, so a secret containing another is replaced whole
         for secret in sorted(self._secrets, key=len, reverse=True):
             text = text.replace(secret, REDACTED)
-        return text
+        return redact_credentials(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self.scrub(record.getMessage())
@@ -65,6 +79,19 @@ class SecretScrubber(logging.Filter):
         if isinstance(value, list | tuple):
             return [self._scrub_value(v) for v in value]
         return value
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with every credential-shaped part replaced by `***`."""
+    for pattern, replacement in _CREDENTIAL_PARTS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def scrub(text: str) -> str:
+    """`text` without the values of secret environment variables or credential-shaped parts: for
+    lines that do not go through a logger (termination log, the CLI's error line)."""
+    return SecretScrubber(secret_env_values()).scrub(text)
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Base model, tokenizer and adapter for the jobs: loaded safely, placed, quantized, adapted.
 
-`trust_remote_code` is always False; weights load from safetensors only. The base may be a hub
+`trust_remote_code` is always False; weights load from safetensors only. A model or tokenizer
+whose config has `auto_map` (custom modelling code) is refused: transformers would otherwise
+load the built-in class of the same `model_type` in its place without a word. The base may be a hub
 id (with `LORAFORGE_BASE_REVISION`), a local directory or an `s3://` artifact (fetched and
 verified through the store). `LORAFORGE_QUANTIZATION=auto` asks the same estimator the launcher
 uses (`loraforge.sizing`) instead of fixed VRAM thresholds.
@@ -65,13 +67,39 @@ def _load_error(name: str, path: str, exc: Exception) -> Exception:
     return TransientError(f"LORAFORGE_BASE_MODEL={name}: loading failed ({first}); rerun later")
 
 
+def refuse_remote_code(config: Any, name: str, what: str) -> None:
+    """PermanentError when a config (dict or transformers config) asks for custom code."""
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    auto_map = auto_map or getattr(config, "auto_map", None)
+    if auto_map:
+        raise PermanentError(
+            f"LORAFORGE_BASE_MODEL={name}: its {what} has auto_map ({', '.join(sorted(auto_map))}"
+            "), custom modelling code that loraforge never runs (trust_remote_code is always "
+            "False) and will not silently replace with a built-in class: use a model whose "
+            "architecture transformers ships"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise PermanentError(f"{path}: not readable JSON ({exc}): fix or replace the file") from exc
+    return data if isinstance(data, dict) else {}
+
+
 def load_tokenizer(path: str, settings: JobSettings) -> Tokenizer:
+    for what in ("config.json", "tokenizer_config.json"):  # local: before anything loads
+        refuse_remote_code(_read_json(Path(path) / what), settings.base_model, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=settings.base_revision, trust_remote_code=False
         )
     except Exception as exc:
         raise _load_error(settings.base_model, path, exc) from exc
+    refuse_remote_code(tokenizer.init_kwargs, settings.base_model, "tokenizer config")
     if tokenizer.pad_token_id is None:  # the seed's fallback: pad with EOS (never a label)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -79,8 +107,7 @@ def load_tokenizer(path: str, settings: JobSettings) -> Tokenizer:
 
 def model_config(path: str) -> dict[str, Any]:
     """`config.json` as data, for sizing; empty when it is not a local directory."""
-    config = Path(path) / "config.json"
-    return dict(json.loads(config.read_text())) if config.is_file() else {}
+    return _read_json(Path(path) / "config.json")
 
 
 def resolve_quantization(settings: TrainSettings, device: torch.device, path: str) -> str:
@@ -193,6 +220,7 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
         raise _load_error(settings.base_model, path, exc) from exc
+    refuse_remote_code(model.config, settings.base_model, "config")  # a hub model's, too
     if quantization == "none":
         model.to(device)  # type: ignore[arg-type]
     return model

@@ -2,13 +2,15 @@
 
 `run_job` is the only place that turns errors into exit codes (design table):
 `PermanentError` -> 2, `TransientError` -> 75, SIGTERM -> 143 after the job's cleanup hooks,
-anything else -> 1 with a traceback. The one-line message also goes to the Kubernetes
+a full disk anywhere (a temporary directory, the cache) -> 75 with one line, anything else -> 1
+with a traceback. The one-line message also goes to the Kubernetes
 termination log, so `kubectl describe` and `loraforge status` show why a Job failed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -23,11 +25,12 @@ from typing import TypeVar
 from loraforge.errors import (
     EXIT_OK,
     EXIT_PERMANENT,
+    EXIT_TRANSIENT,
     EXIT_UNEXPECTED,
     LoraforgeError,
     Terminated,
 )
-from loraforge.logs import setup_logging
+from loraforge.logs import scrub, setup_logging
 from loraforge.settings.base import JobSettings, load_settings
 
 log = logging.getLogger("loraforge.job")
@@ -82,12 +85,26 @@ def run_job(
         return _fail(exc.exit_code, str(exc))
     except KeyboardInterrupt:
         return _fail(130, "interrupted")
-    except Exception as exc:  # a bug: keep the traceback
-        log.exception(f"unexpected error: {type(exc).__name__}: {exc}")
-        _write_termination_log(f"unexpected error: {type(exc).__name__}: {exc}")
-        return EXIT_UNEXPECTED
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _unexpected(exc)
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return _fail(
+            EXIT_TRANSIENT,
+            f"no space left on the device{where}: free space or give the pod a larger volume "
+            "(emptyDir sizeLimit, LORAFORGE_CACHE), then rerun",
+        )
+    except Exception as exc:
+        return _unexpected(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _unexpected(exc: Exception) -> int:
+    """A bug: keep the traceback."""
+    log.exception(f"unexpected error: {type(exc).__name__}: {exc}")
+    _write_termination_log(f"unexpected error: {type(exc).__name__}: {exc}")
+    return EXIT_UNEXPECTED
 
 
 def _terminated(ctx: JobContext, exc: Terminated) -> int:
@@ -110,7 +127,7 @@ def _write_termination_log(message: str) -> None:
     path = Path(TERMINATION_LOG)
     if path.is_file():  # Kubernetes mounts it; elsewhere nothing is written
         with contextlib.suppress(OSError):
-            path.write_text(message[:4000] + "\n")
+            path.write_text(scrub(message)[:4000] + "\n")  # no logger filters this one
 
 
 def job_main(settings_cls: type[S], body: Callable[[S, JobContext], None]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
@@ -163,6 +164,17 @@ def s3_errors(uri: ArtifactUri) -> Iterator[None]:
         ) from exc
     except ClientError as exc:
         raise _client_error(uri, exc) from exc
+    except S3UploadFailedError as exc:  # boto3's transfer wraps the ClientError of an upload
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ClientError):
+            raise _client_error(uri, cause) from exc
+        raise TransientError(f"{uri}: S3 upload failed after retries ({exc})") from exc
+    except RetriesExceededError as exc:  # a download that kept breaking off mid-object
+        raise TransientError(
+            f"{uri}: S3 download kept failing after retries "
+            f"({getattr(exc, 'last_exception', exc)}); "
+            "check the endpoint and the network, then rerun"
+        ) from exc
     except BotoConnectionError as exc:
         raise TransientError(
             f"{uri}: S3 endpoint unreachable after retries ({type(exc).__name__}); "

@@ -11,6 +11,11 @@ Two backends share that contract:
 - S3: files go under `<prefix>/.data/<attempt>/` and the manifest to `<prefix>/loraforge.json`
   with `If-None-Match: *`. Concurrent publishers never overwrite each other's files; the one
   whose manifest lands wins, and the manifest says where its files are (`data_prefix`).
+
+A local artifact holds regular files only: a symlink found in one is refused on read (it could
+point anywhere, and its target can change after the manifest was written). A full disk while
+writing a local artifact or a downloaded copy is a `TransientError` (exit 75: a rerun on a
+fresh volume may succeed); a read-only or forbidden location is a `PermanentError`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from loraforge.errors import ArtifactExistsError, IntegrityError, PermanentError
+from loraforge.errors import ArtifactExistsError, IntegrityError, PermanentError, TransientError
 from loraforge.logs import SecretScrubber, secret_env_values
 from loraforge.manifest import (
     MANIFEST_NAME,
@@ -61,19 +66,22 @@ class LocalBackend:
     """A directory tree on a local or mounted filesystem."""
 
     def read_manifest(self, uri: ArtifactUri) -> bytes | None:
+        if (uri.path / MANIFEST_NAME).is_symlink():
+            raise IntegrityError(f"{uri}: {MANIFEST_NAME} is a symlink: {_REGULAR_ONLY}")
         return _read_or_none(uri.path / MANIFEST_NAME)
 
     def publish(self, src: Path, uri: ArtifactUri, manifest: Manifest) -> None:
         target = uri.path
-        target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:12]}"
         try:
-            staging.mkdir()
-            for entry in manifest.files:
-                _copy_synced(src / entry.path, staging / entry.path)
-            _create_exclusive(staging / MANIFEST_NAME, manifest.to_bytes())
-            _rename_noreplace(staging, target, str(uri))
-            _fsync_dir(target.parent)
+            with local_errors(str(uri)):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging.mkdir()
+                for entry in manifest.files:
+                    _copy_synced(src / entry.path, staging / entry.path)
+                _create_exclusive(staging / MANIFEST_NAME, manifest.to_bytes())
+                _rename_noreplace(staging, target, str(uri))
+                _fsync_dir(target.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # only ever our own, unpublished
 
@@ -129,6 +137,32 @@ def _rename_noreplace(staging: Path, target: Path, uri: str) -> None:
             f"{uri} exists and is not an empty directory or an artifact; choose another "
             "LORAFORGE_OUTPUT or remove it"
         ) from exc
+
+
+_REGULAR_ONLY = "artifacts hold regular files only; republish the artifact"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextlib.contextmanager
+def local_errors(where: str) -> Iterator[None]:
+    """A full disk is transient (exit 75), an unwritable place permanent (exit 2): one line."""
+    try:
+        yield
+    except OSError as exc:
+        reason = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        if exc.errno in _DISK_FULL:
+            raise TransientError(
+                f"{where}: no space left on the device ({reason}): free "
+                "space or give the store (LORAFORGE_STORE) or cache (LORAFORGE_CACHE) a larger "
+                "volume, then rerun"
+            ) from exc
+        if exc.errno in _NOT_WRITABLE:
+            raise PermanentError(
+                f"{where}: cannot write here ({reason}): point LORAFORGE_STORE / LORAFORGE_CACHE "
+                "at a writable directory"
+            ) from exc
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -222,7 +256,7 @@ def fetch(uri: str, dest: str | Path | None = None, **options: Any) -> Artifact:
     if _read_or_none(dest / MANIFEST_NAME) == raw:  # fetched before (a restarted job)
         _verify_all(dest, manifest, uri)
         return Artifact(uri, manifest, raw, dest)
-    with _staging_beside(dest) as staging:
+    with local_errors(str(dest)), _staging_beside(dest) as staging:
         backend.download(target, manifest, staging)
         _verify_all(staging, manifest, uri)
         (staging / MANIFEST_NAME).write_bytes(raw)  # the copy is an artifact directory too
@@ -238,6 +272,9 @@ def _read_or_none(path: Path) -> bytes | None:
 
 
 def _verify_all(root: Path, manifest: Manifest, uri: str) -> None:
+    links = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_symlink())
+    if links:
+        raise IntegrityError(f"{uri}: {links[0]} is a symlink: {_REGULAR_ONLY}")
     for entry in manifest.files:
         verify_file(root / entry.path, entry, uri)
     expected = {e.path for e in manifest.files}

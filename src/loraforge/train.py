@@ -22,7 +22,7 @@ from peft import PeftModel
 
 from loraforge import checkpoint, data, packing, store
 from loraforge.checkpoint import TrainState
-from loraforge.errors import PermanentError
+from loraforge.errors import ArtifactExistsError, PermanentError
 from loraforge.logs import Progress
 from loraforge.manifest import input_record
 from loraforge.modeling import (
@@ -41,6 +41,9 @@ from loraforge.runner import JobContext, job_main
 from loraforge.settings import TrainSettings
 
 log = logging.getLogger("loraforge.train")
+# Steps the reported train_loss averages; kept in checkpoints, so that a resumed run reports
+# what the uninterrupted one does.
+LOSS_WINDOW = 20
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -147,14 +150,16 @@ class Trainer:
     def fit(self) -> None:
         s = self.settings
         progress = Progress(log, total=s.max_steps, start_step=self.state.step)
-        window: list[float] = []
+        start = self.state.step
         while self.state.step < s.max_steps:
+            self.stop_if_asked(start)
             loss, tokens = self.train_step(self.state.step)
             self.state.step += 1
             self.state.tokens_seen += tokens
-            window.append(loss)
             step = self.state.step
             lr = self.optimizer.param_groups[0]["lr"]
+            self.check_finite(loss, step, lr)
+            self.state.recent_losses = [*self.state.recent_losses, loss][-LOSS_WINDOW:]
             progress.update(
                 step, tokens, force=step == s.max_steps, loss=loss, lr=lr, **self.progress_metrics()
             )
@@ -164,13 +169,30 @@ class Trainer:
                     f"step {step}: val_loss {self.state.val_loss}",
                     extra={"event": "eval", "step": step, "val_loss": self.state.val_loss},
                 )
-            self.state.train_loss = sum(window[-20:]) / len(window[-20:])
-            if self.ctx.stop.is_set():
-                self.publish_checkpoint()
-                self.ctx.check_stop()  # raises Terminated -> exit 143
+            self.state.train_loss = sum(self.state.recent_losses) / len(self.state.recent_losses)
             if self.checkpoint_due(step):
                 self.publish_checkpoint()
+        self.stop_if_asked(start)
         self.state.val_loss = self.validation_loss()
+
+    def stop_if_asked(self, start: int) -> None:
+        """After SIGTERM: publish the steps done since `start` (none: nothing to save), exit 143.
+
+        Checked between steps, so a SIGTERM during a periodic checkpoint's upload or during
+        model loading costs no further step of the grace period."""
+        if not self.ctx.stop.is_set():
+            return
+        if self.state.step > start:
+            self.publish_checkpoint()  # returns at once when this step's is already published
+        self.ctx.check_stop()  # raises Terminated -> exit 143
+
+    def check_finite(self, loss: float, step: int, lr: float) -> None:
+        if not math.isfinite(loss):
+            raise PermanentError(
+                f"training diverged: loss {loss} at step {step} (learning rate {lr:.3g}); nothing "
+                "more is published: lower LORAFORGE_LEARNING_RATE or LORAFORGE_MAX_GRAD_NORM, or "
+                "check the data, and start a new run (LORAFORGE_RUN_ID)"
+            )
 
     def checkpoint_due(self, step: int) -> bool:
         s = self.settings
@@ -187,14 +209,19 @@ class Trainer:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="loraforge-ckpt-") as tmp:
             checkpoint.save(Path(tmp), self.model, self.optimizer, self.state)
-            store.publish(
-                tmp,
-                uri,
-                job="train-checkpoint",
-                run_id=self.settings.run_id,
-                settings=self.settings.redacted(),
-                metrics=self.metrics(),
-            )
+            try:
+                store.publish(
+                    tmp,
+                    uri,
+                    job="train-checkpoint",
+                    run_id=self.settings.run_id,
+                    settings=self.settings.redacted(),
+                    metrics=self.metrics(),
+                )
+            except ArtifactExistsError:  # a replica of this run (same settings) got there first
+                log.warning(f"checkpoint {uri} was published by another writer; continuing")
+                self._last_checkpoint = time.monotonic()
+                return
         self._last_checkpoint = time.monotonic()
         log.info(
             f"checkpoint {uri} published in {time.monotonic() - started:.1f}s",
@@ -280,6 +307,14 @@ def _check_lengths(settings: TrainSettings, path: str, examples: list[data.Examp
 
 def publish_adapter(trainer: Trainer) -> None:
     s = trainer.settings
+    bad = [
+        n for n, p in trainer.model.named_parameters() if p.requires_grad and not p.isfinite().all()
+    ]
+    if bad:
+        raise PermanentError(
+            f"training diverged: {bad[0]} holds NaN or infinite values; nothing is published: "
+            "lower LORAFORGE_LEARNING_RATE and start a new run (LORAFORGE_RUN_ID)"
+        )
     inputs = [
         dict(input_record(s.base_model, None), revision=s.base_revision),
         dict(input_record(s.data, None)),

@@ -1,7 +1,8 @@
 """Generation engines for the eval job, and which one runs.
 
-Both engines take the same token ids and per-prompt token budgets, generate greedily, stop at
-the GSM8K stop strings or an end token, and return each output cut at the first stop string.
+Both engines take the same token ids and per-prompt token budgets, generate greedily or sample
+(`Decoding`: n completions per prompt, temperature, top-p), stop at the task's stop strings or
+an end token, and return each output cut at the first stop string.
 `transformers` loads the base once and switches PEFT adapters in place; `vllm` serves every
 adapter from one engine through LoRA requests. vLLM is an optional extra (`loraforge[vllm]`):
 nothing here imports it unless it is chosen.
@@ -24,8 +25,34 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraforge.engines")
 
 Finish = Literal["stop", "eos", "length"]
-# Called after each finished batch with (problems done in it, tokens generated in it).
+# Called after each finished batch with (completions done in it, tokens generated in it).
 OnBatch = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How the next token is chosen: greedy (temperature 0) or sampled from the temperature-
+    scaled distribution cut to its top-p nucleus; `n` completions per prompt, seeded by `seed`
+    and the prompt's position, the same random draws for every adapter (common random numbers:
+    differences between adapters come from the models, not the dice)."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid decoding {self}")
+        if self.greedy and self.n > 1:
+            raise ValueError(f"{self.n} greedy completions per prompt would be identical")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Decoding()
 
 
 @dataclass(frozen=True)
@@ -45,7 +72,8 @@ class Engine(Protocol):
         budgets: Sequence[int],
         on_batch: OnBatch,
     ) -> dict[str, list[Generation]]:
-        """Every prompt under every adapter: {adapter label: generations in prompt order}."""
+        """Every prompt under every adapter: {adapter label: generations in prompt order}, each
+        prompt's `n` completions next to each other (prompt i, sample j at i * n + j)."""
         ...
 
 

@@ -1,20 +1,28 @@
-"""The transformers engine: one base loaded once, PEFT adapters switched in place, batched greedy.
+"""The transformers engine: one base loaded once, PEFT adapters switched in place, batched decoding.
 
 Prompts are sorted by length (longest first, so a batch that does not fit shows at once) and
 cut into batches that are left-padded: every row's last prompt token sits in the last column,
-so one argmax per step serves the whole batch. Generation runs on a KV cache; a row that stops
-(stop string, end token or its token budget) leaves the batch and its cache rows are dropped,
-so a long answer does not keep finished rows computing. A row's greedy continuation does not
-depend on its batch-mates: batched outputs equal one-at-a-time outputs (asserted on the CPU in
-fp32 by tests/test_eval.py and bench/eval_throughput.py; in bf16 on a GPU, padding can change
-rounding and so flip a near-tie).
+so one argmax (greedy) or one draw per row (sampling) per step serves the whole batch.
+Generation runs on a KV cache; a row that stops (stop string, end token or its token budget)
+leaves the batch and its cache rows are dropped, so a long answer does not keep finished rows
+computing. A row's greedy continuation does not depend on its batch-mates: batched outputs
+equal one-at-a-time outputs (asserted on the CPU in fp32 by tests/test_eval.py and
+bench/eval_throughput.py; in bf16 on a GPU, padding can change rounding and so flip a near-tie).
+
+Sampling (`Decoding` with a temperature) repeats each prompt `n` times as rows of its own. Each
+row draws from a `torch.Generator` of its own, seeded from (seed, prompt position, sample), so
+its completion does not depend on its batch-mates or the batch size either, and every adapter
+sees the same draws. The nucleus is Hugging Face's `TopPLogitsWarper` (and vLLM's): the most
+likely tokens whose probabilities add up to at least top-p, after dividing the logits by the
+temperature.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -24,7 +32,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from loraforge.adapters import Adapter, check_fits
-from loraforge.engines import Finish, Generation, OnBatch
+from loraforge.engines import GREEDY, Decoding, Finish, Generation, OnBatch
 from loraforge.errors import PermanentError
 from loraforge.gsm8k import STOP_STRINGS, cut_at_stop
 
@@ -69,7 +77,10 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
-@torch.inference_mode()
+# The next token of every active row: (logits (active, vocab), active row numbers) -> (active,)
+Choose = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
 def greedy_batch(
     model: torch.nn.Module,
     rows: Sequence[list[int]],
@@ -78,6 +89,72 @@ def greedy_batch(
     pad_id: int,
 ) -> list[tuple[list[int], Finish]]:
     """Greedy continuations of left-padded `rows` on a KV cache; finished rows leave the batch."""
+    return decode_batch(model, rows, budgets, stops, pad_id, lambda logits, _: logits.argmax(-1))
+
+
+def sample_batch(
+    model: torch.nn.Module,
+    rows: Sequence[list[int]],
+    budgets: Sequence[int],
+    stops: Stops,
+    pad_id: int,
+    decoding: Decoding,
+    seeds: Sequence[int],
+) -> list[tuple[list[int], Finish]]:
+    """Sampled continuations; row i draws from a generator seeded with `seeds[i]`."""
+    device = next(model.parameters()).device
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def choose(logits: torch.Tensor, active: list[int]) -> torch.Tensor:
+        return sample_tokens(logits, decoding, [generators[row] for row in active])
+
+    return decode_batch(model, rows, budgets, stops, pad_id, choose)
+
+
+def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(rows, vocab) probabilities of softmax(logits / T) cut to the top-p nucleus, renormalised.
+
+    As `TopPLogitsWarper`: sort ascending and drop the tokens whose cumulative probability stays
+    at or below 1 - top_p (the most likely token always stays). Upcast: bf16 logits would round
+    the cumulative sums.
+    """
+    probs = (logits.float() / temperature).softmax(-1)  # (rows, vocab)
+    if top_p >= 1.0:
+        return probs
+    ascending, order = probs.sort(-1)
+    drop_sorted = ascending.cumsum(-1) <= 1 - top_p
+    drop_sorted[..., -1] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    kept = probs.masked_fill(drop, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def sample_tokens(
+    logits: torch.Tensor, decoding: Decoding, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """One token per row, row i drawn with `generators[i]`: (rows,)."""
+    probs = nucleus_probs(logits, decoding.temperature, decoding.top_p)
+    draws = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
+    return torch.cat(draws)
+
+
+def row_seed(seed: int, prompt: int, sample: int) -> int:
+    """A 63-bit seed per (seed, prompt position, sample), the same for every adapter."""
+    digest = hashlib.sha256(f"loraforge-sample-{seed}-{prompt}-{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@torch.inference_mode()
+def decode_batch(
+    model: torch.nn.Module,
+    rows: Sequence[list[int]],
+    budgets: Sequence[int],
+    stops: Stops,
+    pad_id: int,
+    choose: Choose,
+) -> list[tuple[list[int], Finish]]:
+    """Continuations of left-padded `rows` on a KV cache, each next token picked by `choose`;
+    finished rows leave the batch."""
     device = next(model.parameters()).device
     input_ids, mask = left_pad(rows, pad_id, device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get position 0; they are masked
@@ -94,7 +171,7 @@ def greedy_batch(
     finished: list[Finish | None] = [None] * len(rows)
     active = list(range(len(rows)))  # row numbers of the batch's current members
     while True:
-        next_ids = logits.argmax(-1)  # (active,)
+        next_ids = choose(logits, active)  # (active,)
         keep = []
         for slot, (row, token) in enumerate(zip(active, next_ids.tolist(), strict=True)):
             generated[row].append(int(token))
@@ -132,6 +209,7 @@ class TransformersEngine:
         adapter_names: dict[str, str],
         batch_size: int,
         stops: Stops,
+        decoding: Decoding = GREEDY,
     ) -> None:
         self.model, self.tokenizer, self.batch_size, self.stops = (
             model,
@@ -139,6 +217,7 @@ class TransformersEngine:
             batch_size,
             stops,
         )
+        self.decoding = decoding
         self.adapter_names = adapter_names  # label -> PEFT adapter name
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops.eos_ids)
         self.pad_id = int(pad)
@@ -172,22 +251,29 @@ class TransformersEngine:
     def generate_all(
         self, prompts: Sequence[list[int]], budgets: Sequence[int], on_batch: OnBatch
     ) -> list[Generation]:
-        """Length-sorted batches (longest first); results back in prompt order."""
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        results: list[Generation | None] = [None] * len(prompts)
+        """Length-sorted batches (longest first); results back in prompt order, each prompt's
+        `n` samples together."""
+        n = self.decoding.n
+        rows = [(i, j) for i in range(len(prompts)) for j in range(n)]  # row i * n + j
+        order = sorted(range(len(rows)), key=lambda r: -len(prompts[rows[r][0]]))
+        results: list[Generation | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            outputs = greedy_batch(
-                self.model,
-                [prompts[i] for i in chunk],
-                [budgets[i] for i in chunk],
-                self.stops,
-                self.pad_id,
-            )
-            for i, (ids, finish) in zip(chunk, outputs, strict=True):
-                results[i] = Generation(self.stops.text(ids), len(ids), finish)
+            outputs = self._batch([rows[r] for r in chunk], prompts, budgets)
+            for r, (ids, finish) in zip(chunk, outputs, strict=True):
+                results[r] = Generation(self.stops.text(ids), len(ids), finish)
             on_batch(len(chunk), sum(len(ids) for ids, _ in outputs))
         return [r for r in results if r is not None]
+
+    def _batch(
+        self, rows: list[tuple[int, int]], prompts: Sequence[list[int]], budgets: Sequence[int]
+    ) -> list[tuple[list[int], Finish]]:
+        ids = [prompts[i] for i, _ in rows]
+        limits = [budgets[i] for i, _ in rows]
+        if self.decoding.greedy:
+            return greedy_batch(self.model, ids, limits, self.stops, self.pad_id)
+        seeds = [row_seed(self.decoding.seed, i, j) for i, j in rows]
+        return sample_batch(self.model, ids, limits, self.stops, self.pad_id, self.decoding, seeds)
 
 
 def attach_adapters(

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from loraforge.adapters import Adapter
-from loraforge.engines import Finish, Generation, OnBatch
+from loraforge.engines import GREEDY, Decoding, Finish, Generation, OnBatch
 from loraforge.errors import PermanentError
 from loraforge.gsm8k import STOP_STRINGS, cut_at_stop
 
@@ -85,17 +85,28 @@ def lora_requests(adapters: Sequence[Adapter]) -> dict[str, tuple[str, int, str]
     return requests
 
 
-def sampling_args(budget: int, eos_ids: Sequence[int], seed: int) -> dict[str, Any]:
-    """Greedy, stopped at the GSM8K stop strings and the end tokens (lm-eval's `until`)."""
-    return {
+def sampling_args(
+    budget: int,
+    eos_ids: Sequence[int],
+    seed: int,
+    decoding: Decoding = GREEDY,
+    stop: Sequence[str] = STOP_STRINGS,
+) -> dict[str, Any]:
+    """Stopped at the task's stop strings (GSM8K's by default) and the end tokens (lm-eval's
+    `until`); greedy, or `n` samples at the decoding's temperature and top-p. With a request
+    seed vLLM draws the n samples from one seeded generator per request (per sample in v1)."""
+    args: dict[str, Any] = {
         "temperature": 0.0,
         "max_tokens": budget,
-        "stop": list(STOP_STRINGS),
+        "stop": list(stop),
         "stop_token_ids": sorted(eos_ids),
         "include_stop_str_in_output": False,
         "skip_special_tokens": True,
         "seed": seed,
     }
+    if not decoding.greedy:
+        args |= {"n": decoding.n, "temperature": decoding.temperature, "top_p": decoding.top_p}
+    return args
 
 
 def requests_for(adapters: Sequence[Adapter], n_prompts: int) -> list[tuple[str, int]]:
@@ -112,12 +123,20 @@ def finish_reason(reason: str | None, stop_reason: object) -> Finish:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, args: dict[str, Any], eos_ids: Sequence[int], seed: int) -> None:
+    def __init__(
+        self,
+        args: dict[str, Any],
+        eos_ids: Sequence[int],
+        seed: int,
+        decoding: Decoding = GREEDY,
+        stop: Sequence[str] = STOP_STRINGS,
+    ) -> None:
         # the `vllm` extra, imported by name: `engines.choose` checked it is installed
         vllm = importlib.import_module("vllm")
 
         self._vllm = vllm
         self.eos_ids, self.seed = list(eos_ids), seed
+        self.decoding, self.stop = decoding, tuple(stop)
         log.info(f"starting vLLM: {args}")
         self.llm = vllm.LLM(**args)
 
@@ -139,19 +158,20 @@ class VllmEngine:
             chunk = requests[start : start + REQUESTS_PER_CALL]
             outputs = self.llm.generate(
                 [{"prompt_token_ids": prompts[i]} for _, i in chunk],
-                [
-                    self._vllm.SamplingParams(**sampling_args(budgets[i], self.eos_ids, self.seed))
-                    for _, i in chunk
-                ],
+                [self._params(budgets[i]) for _, i in chunk],
                 lora_request=[loras[label] for label, _ in chunk],
                 use_tqdm=False,
             )
             tokens = 0
             for (label, _), output in zip(chunk, outputs, strict=True):
-                best = output.outputs[0]
-                reason = finish_reason(best.finish_reason, best.stop_reason)
-                text = cut_at_stop(best.text)  # vLLM already stops there; kept for symmetry
-                results[label].append(Generation(text, len(best.token_ids), reason))
-                tokens += len(best.token_ids)
-            on_batch(len(chunk), tokens)
+                for sample in output.outputs[: self.decoding.n]:  # n per prompt, in order
+                    reason = finish_reason(sample.finish_reason, sample.stop_reason)
+                    text = cut_at_stop(sample.text, self.stop)  # vLLM stops there already
+                    results[label].append(Generation(text, len(sample.token_ids), reason))
+                    tokens += len(sample.token_ids)
+            on_batch(len(chunk) * self.decoding.n, tokens)
         return results
+
+    def _params(self, budget: int) -> Any:
+        args = sampling_args(budget, self.eos_ids, self.seed, self.decoding, self.stop)
+        return self._vllm.SamplingParams(**args)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from loraforge import __version__
 from loraforge.errors import EXIT_OK, LoraforgeError
-from loraforge.logs import setup_logging
+from loraforge.logs import scrub, setup_logging
 
 log = logging.getLogger("loraforge.cli")
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = func(args)
     except LoraforgeError as exc:
-        print(f"loraforge {args.command}: {exc}", file=sys.stderr)
+        print(scrub(f"loraforge {args.command}: {exc}"), file=sys.stderr)
         code = exc.exit_code
     except BrokenPipeError:  # `loraforge gpus | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

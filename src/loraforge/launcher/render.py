@@ -45,7 +45,7 @@ from loraforge.errors import (
     LoraforgeError,
     PermanentError,
 )
-from loraforge.logs import SECRET_NAME
+from loraforge.logs import CREDENTIAL_VALUE, SECRET_NAME
 from loraforge.settings import JOB_SETTINGS, JobSettings, load_settings, read_env_file
 from loraforge.settings.base import PREFIX
 
@@ -82,11 +82,6 @@ POD_ENV = {
     "LORAFORGE_CACHE": "/cache/loraforge",
     "LORAFORGE_LOG_FORMAT": "json",
 }
-# A value shaped like a credential, whatever the name: AWS key ids, Hugging Face tokens,
-# user:password@ in a URI.
-CREDENTIAL_VALUE = re.compile(
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bhf_[A-Za-z0-9]{30,}\b|://[^/\s:@]+:[^/\s@]+@"
-)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from loraforge.errors import PermanentError
+from loraforge.logs import redact_credentials
 from loraforge.uri import parse_uri
 
 PREFIX = "LORAFORGE_"
@@ -155,6 +156,12 @@ def unknown_names(cls: type[JobSettings], environ: Mapping[str, str]) -> list[st
         upper = name.upper()
         if not upper.startswith(PREFIX) or upper in known:
             continue
+        if "TRUST_REMOTE_CODE" in upper:
+            problems.append(
+                f"{name}: loraforge never runs a model's own code (trust_remote_code is always "
+                "False): use a model whose architecture transformers ships"
+            )
+            continue
         close = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else f"the {cls.job} job has no such setting"
         problems.append(f"{name} is not a setting of the {cls.job} job ({hint})")
@@ -175,7 +182,7 @@ def _describe(cls: type[JobSettings], error: Mapping[str, Any]) -> str:
     if error.get("type") == "missing":
         return f"{env} is required ({doc})" if doc else f"{env} is required"
     secret = info is not None and info.annotation in (SecretStr, SecretStr | None)
-    value = "***" if secret else error.get("input")
+    value = "***" if secret else redact_credentials(str(error.get("input")))
     return f"{env}={value}: {msg}"
 
 

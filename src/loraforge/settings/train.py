@@ -37,7 +37,7 @@ class TrainSettings(JobSettings):
 
     data: str = Field(min_length=1)
     """Training data: a JSONL path, `s3://` URI or `hf://dataset[:config]/split`. Records are
-    instruction/input/output, prompt/completion, question/answer, messages (chat) or text."""
+    instruction/input/output, prompt/completion, question/answer, messages (chat), code or text."""
 
     val_data: str | None = None
     """Validation data (same forms as LORAFORGE_DATA); default: a LORAFORGE_VAL_FRACTION split."""
