@@ -109,7 +109,8 @@ class TrainSettings(JobSettings):
     """Recompute activations in the backward pass; `auto` turns it on when sizing needs it."""
 
     seed: int = 0
-    """Seed for initialisation, data order and dropout (runs are deterministic on the CPU)."""
+    """Seed for initialisation, data order and dropout (runs are bit-for-bit repeatable on the
+    CPU with one thread, OMP_NUM_THREADS=1)."""
 
     eval_interval: int = Field(default=100, ge=0)
     """Steps between validation-loss evaluations; 0: only at the end."""
