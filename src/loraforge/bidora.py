@@ -144,69 +144,48 @@ def hypergradient(
     Leaves every parameter exactly as it found it and accumulates nothing in `.grad`.
     """
     with frozen_dora_norms(model):  # first forward: at the current direction w
-        return _hypergradient(
-            model,
-            direction,
-            magnitude,
-            train_batches,
-            val_batches,
-            order=order,
-            xi=xi,
-            orth_reg=orth_reg,
-        )
-
-
-def _hypergradient(
-    model: nn.Module,
-    direction: Sequence[nn.Parameter],
-    magnitude: Sequence[nn.Parameter],
-    train_batches: Sequence[packing.Batch],
-    val_batches: Sequence[packing.Batch],
-    *,
-    order: str,
-    xi: float,
-    orth_reg: float = 0.0,
-) -> tuple[list[torch.Tensor], float]:
-    was_training = model.training
-    model.eval()
-    saved = [p.detach().clone() for p in direction]
-    try:
-        if order == "first_order":
-            val = mean_loss(model, val_batches)
-            direct = torch.autograd.grad(val, list(magnitude))
-            return [g.detach() for g in direct], float(val.detach())
-        # the unrolled direction w' = w - ξ ∇w L_train(w, m)
-        g_w = torch.autograd.grad(lower_objective(model, train_batches, orth_reg), list(direction))
-        with torch.no_grad():
-            for p, g in zip(direction, g_w, strict=True):
-                p.sub_(g, alpha=xi)
-        val = mean_loss(model, val_batches)
-        grads = torch.autograd.grad(val, [*magnitude, *direction])
-        direct, v = grads[: len(magnitude)], grads[len(magnitude) :]
-        v_norm = math.sqrt(sum(float((g.float() ** 2).sum()) for g in v))
-        if v_norm == 0.0:
-            return [g.detach() for g in direct], float(val.detach())
-        eps = FD_RADIUS / v_norm
-        hvp = []
-        for sign in (1.0, -1.0):  # w ± εv around the current (not the unrolled) direction
-            with torch.no_grad():
-                for p, s, g in zip(direction, saved, v, strict=True):
-                    p.copy_(s).add_(g, alpha=sign * eps)
-            hvp.append(
-                torch.autograd.grad(
-                    lower_objective(model, train_batches, orth_reg), list(magnitude)
-                )
+        was_training = model.training
+        model.eval()
+        saved = [p.detach().clone() for p in direction]
+        try:
+            if order == "first_order":
+                val = mean_loss(model, val_batches)
+                direct = torch.autograd.grad(val, list(magnitude))
+                return [g.detach() for g in direct], float(val.detach())
+            # the unrolled direction w' = w - ξ ∇w L_train(w, m)
+            g_w = torch.autograd.grad(
+                lower_objective(model, train_batches, orth_reg), list(direction)
             )
-        hyper = [
-            (d - xi * (gp - gm) / (2 * eps)).detach()
-            for d, gp, gm in zip(direct, hvp[0], hvp[1], strict=True)
-        ]
-        return hyper, float(val.detach())
-    finally:
-        with torch.no_grad():
-            for p, s in zip(direction, saved, strict=True):
-                p.copy_(s)  # bit-identical restore
-        model.train(was_training)
+            with torch.no_grad():
+                for p, g in zip(direction, g_w, strict=True):
+                    p.sub_(g, alpha=xi)
+            val = mean_loss(model, val_batches)
+            grads = torch.autograd.grad(val, [*magnitude, *direction])
+            direct, v = grads[: len(magnitude)], grads[len(magnitude) :]
+            v_norm = math.sqrt(sum(float((g.float() ** 2).sum()) for g in v))
+            if v_norm == 0.0:
+                return [g.detach() for g in direct], float(val.detach())
+            eps = FD_RADIUS / v_norm
+            hvp = []
+            for sign in (1.0, -1.0):  # w ± εv around the current (not the unrolled) direction
+                with torch.no_grad():
+                    for p, s, g in zip(direction, saved, v, strict=True):
+                        p.copy_(s).add_(g, alpha=sign * eps)
+                hvp.append(
+                    torch.autograd.grad(
+                        lower_objective(model, train_batches, orth_reg), list(magnitude)
+                    )
+                )
+            hyper = [
+                (d - xi * (gp - gm) / (2 * eps)).detach()
+                for d, gp, gm in zip(direct, hvp[0], hvp[1], strict=True)
+            ]
+            return hyper, float(val.detach())
+        finally:
+            with torch.no_grad():
+                for p, s in zip(direction, saved, strict=True):
+                    p.copy_(s)  # bit-identical restore
+            model.train(was_training)
 
 
 class BiDoRATrainer(Trainer):
