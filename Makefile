@@ -95,14 +95,23 @@ render_spec = $(if $(filter command line environment,$(origin JOB)),$(JOB),jobs/
 render-train render-edit render-eval: render-%: setup
 	@$(BIN)/loraforge render $* --env-file $(call render_spec,$*) $(RENDER_FLAGS)
 
+# Scale-out examples (docs/scale.md): "file job spec [flags]", rendered with EXAMPLE_FLAGS too.
+SCALE_EXAMPLES := \
+  "train-multinode train jobs/train.multigpu.env" \
+  "train-trainjob train jobs/train.multigpu.env --engine trainjob" \
+  "train-pytorchjob train jobs/train.multigpu.env --engine pytorchjob" \
+  "eval-sharded eval jobs/eval.sharded.env --queue loraforge" \
+  "eval-merge eval jobs/eval.sharded.env --merge"
+
 render-examples: setup
-	@for job in train edit eval; do \
-	  cmd="loraforge render $$job --env-file jobs/$$job.env $(EXAMPLE_FLAGS)"; \
+	@{ for job in train edit eval; do echo "$$job $$job jobs/$$job.env"; done; \
+	   printf '%s\n' $(SCALE_EXAMPLES); } | while read -r name job spec flags; do \
+	  cmd="loraforge render $$job --env-file $$spec $(EXAMPLE_FLAGS)$${flags:+ $$flags}"; \
 	  { echo "# Rendered by \`make render-examples\`: $$cmd"; \
 	    echo "# Do not edit: tests/test_render.py diffs this file against a fresh render."; \
-	    $(BIN)/$$cmd; } > k8s/examples/$$job.yaml.tmp \
-	  && mv k8s/examples/$$job.yaml.tmp k8s/examples/$$job.yaml \
-	  || { rm -f k8s/examples/$$job.yaml.tmp; exit 1; }; \
+	    $(BIN)/$$cmd; } > k8s/examples/$$name.yaml.tmp \
+	  && mv k8s/examples/$$name.yaml.tmp k8s/examples/$$name.yaml \
+	  || { rm -f k8s/examples/$$name.yaml.tmp; exit 1; }; \
 	done
 
 # Submit a job spec to the cluster of the current kubeconfig context: `make submit-edit` sends

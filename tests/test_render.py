@@ -65,15 +65,24 @@ def env_of(job: dict[str, Any]) -> dict[str, str]:
 # --- the committed examples ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("job", JOBS)
-def test_committed_example_equals_a_fresh_render(job: str) -> None:
-    path = ROOT / "k8s" / "examples" / f"{job}.yaml"
+EXAMPLES = sorted((ROOT / "k8s" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_committed_example_equals_a_fresh_render(path: Path) -> None:
     text = path.read_text()
     header = [line for line in text.splitlines(keepends=True) if line.startswith("#")]
     command = header[0].split(": ", 1)[1].split()
-    assert command[:4] == ["loraforge", "render", job, "--env-file"]
-    fresh = render_from_args(job, build_parser().parse_args(command[1:]))
+    assert command[:2] == ["loraforge", "render"] and command[3] == "--env-file"
+    assert path.stem.split("-")[0] == command[2]  # train-multinode.yaml renders train
+    fresh = render_from_args(command[2], build_parser().parse_args(command[1:]))
     assert text == "".join(header) + to_yaml(fresh), f"{path} is stale: run `make render-examples`"
+
+
+def test_every_example_is_rendered_by_the_makefile() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    scale = set(re.findall(r'^  "([a-z-]+) ', makefile, re.M))
+    assert {p.stem for p in EXAMPLES} == set(JOBS) | scale
 
 
 def test_examples_are_rendered_with_the_makefile_flags() -> None:

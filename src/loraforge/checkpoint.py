@@ -77,8 +77,7 @@ def fingerprint(settings: TrainSettings) -> dict[str, Any]:
     return {name: data[name] for name in FINGERPRINT_FIELDS}
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
     tensors = {
         f"{index}.{name}": value.detach().cpu().contiguous()
         for index, slots in state["state"].items()
@@ -88,11 +87,17 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def save(
-    directory: Path, model: PeftModel, optimizer: torch.optim.Optimizer, state: TrainState
+    directory: Path,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    full: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> None:
-    """Write a checkpoint directory (published by the caller)."""
-    model.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True)
-    tensors, groups = _optimizer_tensors(optimizer)
+    """Write a checkpoint directory (published by the caller). `full`: the adapter's and the
+    optimizer's whole state when the model is sharded (loraforge.distributed.gather)."""
+    weights, optim = full if full is not None else (None, optimizer.state_dict())
+    model.save_pretrained(str(directory / ADAPTER_DIR), safe_serialization=True, state_dict=weights)
+    tensors, groups = _optimizer_tensors(optim)
     save_file(tensors, str(directory / OPTIMIZER))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

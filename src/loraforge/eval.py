@@ -8,12 +8,18 @@ loads (data, few-shot pool, adapters, engine, the sandbox), and all problems fou
 in one line. The base loads once; every problem is generated once per adapter and sample, from
 the same token ids for every adapter and engine. Nothing is published unless everything
 succeeded.
+
+Sharded (LORAFORGE_SHARDS > 1, `loraforge.shards`): each job generates and scores its block of
+the engine's units over the whole problem set and publishes it as a partial artifact; the last
+shard to finish (or a LORAFORGE_SHARD=merge job) merges the partials and publishes through
+`write_and_publish`, the same code an unsharded run ends in.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,9 +29,9 @@ from typing import Any, TypeVar
 import torch
 
 from loraforge import adapters as adapters_mod
-from loraforge import engines, gsm8k, humaneval, report, sandbox, store
+from loraforge import engines, gsm8k, humaneval, report, sandbox, shards, store
 from loraforge.adapters import Adapter
-from loraforge.engines import Decoding, Engine, Generation, end_token_ids
+from loraforge.engines import Decoding, Engine, Generation, OnBatch, end_token_ids
 from loraforge.errors import PermanentError
 from loraforge.logs import Progress
 from loraforge.manifest import input_record
@@ -38,11 +44,13 @@ from loraforge.modeling import (
 )
 from loraforge.runner import JobContext, job_main
 from loraforge.settings import EvalSettings
+from loraforge.shards import Role, Row, Scope
 
 log = logging.getLogger("loraforge.eval")
 T = TypeVar("T")
 CHARTS = {"gsm8k": "accuracy.png", "humaneval": humaneval.CHART}
 Problem = gsm8k.Problem | humaneval.Problem
+Predictions = Sequence[report.Prediction | report.CodePrediction]
 
 
 def files(task: str) -> tuple[str, ...]:
@@ -102,6 +110,8 @@ def gather(settings: EvalSettings) -> Inputs:
         ),
         ("", ""),
     )
+    if engine == "transformers":
+        attempt(lambda: one_device(settings, why), None)
     if problems_found:
         raise PermanentError("; ".join(problems_found))
     log.info(f"engine {engine}: {why}", extra={"event": "engine", "engine": engine})
@@ -112,6 +122,17 @@ def gather(settings: EvalSettings) -> Inputs:
         )
     fewshot = fewshot_uri if settings.shots else None
     return Inputs(problems, pool, fewshot, adapters, engine, isolation)
+
+
+def one_device(settings: EvalSettings, why: str) -> None:
+    """The transformers engine runs on one device: PermanentError for tensor parallelism."""
+    n = settings.tensor_parallel
+    if n > 1:
+        raise PermanentError(
+            f"LORAFORGE_TENSOR_PARALLEL={n} needs the vLLM engine and the transformers engine "
+            f"was chosen ({why}), which runs on one device: set LORAFORGE_TENSOR_PARALLEL=1, or "
+            f"LORAFORGE_ENGINE=vllm in the CUDA image on a node with {n} GPUs"
+        )
 
 
 def probe_sandbox() -> sandbox.Isolation:
@@ -231,7 +252,7 @@ def _vllm_engine(
 ) -> tuple[Engine, int | None]:
     from transformers import GenerationConfig
 
-    from loraforge.engines.vllm_engine import VllmEngine, engine_args
+    from loraforge.engines.vllm_engine import VllmEngine
 
     meta = adapters_mod.meta_model(path, settings.base_revision)
     for adapter in inputs.adapters:
@@ -241,18 +262,97 @@ def _vllm_engine(
         generation_eos = GenerationConfig.from_pretrained(path, revision=revision).eos_token_id
     except OSError:  # no generation_config.json: the tokenizer's EOS alone
         generation_eos = None
-    args = engine_args(
-        path,
-        settings.base_revision,
-        inputs.adapters,
-        dtype,
-        settings.seed,
-        settings.gpu_memory_utilization,
-    )
+    args = vllm_args(settings, inputs.adapters, path, dtype)
     eos = sorted(end_token_ids(tokenizer, generation_eos))
     chosen, strings = decoding(settings)
     engine = VllmEngine(args, eos, settings.seed, chosen, strings)
     return engine, context_length(meta.config, tokenizer)
+
+
+def vllm_args(
+    settings: EvalSettings, adapters: Sequence[Adapter], path: str, dtype: torch.dtype
+) -> dict[str, Any]:
+    """`vllm.LLM`'s arguments: the base, the adapters' LoRA slots, the GPUs it spans."""
+    from loraforge.engines.vllm_engine import engine_args
+
+    tp = settings.tensor_parallel
+    if tp > 1 and torch.cuda.device_count() < tp:
+        raise PermanentError(
+            f"LORAFORGE_TENSOR_PARALLEL={tp} but {torch.cuda.device_count()} GPUs are visible: "
+            f"give the pod {tp} GPUs or lower LORAFORGE_TENSOR_PARALLEL"
+        )
+    args = engine_args(
+        path,
+        settings.base_revision,
+        adapters,
+        dtype,
+        settings.seed,
+        settings.gpu_memory_utilization,
+    )
+    return args | {"tensor_parallel_size": tp}
+
+
+# --- generating a plan's units ------------------------------------------------------------------
+
+
+def plan(settings: EvalSettings, engine: str, prompts: Sequence[list[int]]) -> list[list[Row]]:
+    """The units of work over every problem, fixed before a shard takes its part."""
+    if engine == "transformers":
+        from loraforge.engines.transformers_engine import batch_plan
+
+        return batch_plan([len(p) for p in prompts], settings.samples, settings.batch_size)
+    return shards.problem_plan(len(prompts), settings.samples)
+
+
+def generate(
+    settings: EvalSettings,
+    inputs: Inputs,
+    path: str,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    units: Sequence[Sequence[Row]],
+) -> dict[str, list[Generation]]:
+    """{label: generations of the units' rows in (problem, sample) order}; no model is loaded
+    for no rows (a shard beyond the units)."""
+    rows = sorted(row for unit in units for row in unit)
+    if not rows:
+        return {a.label: [] for a in inputs.adapters}
+    engine, context = build_engine(settings, inputs, path, tokenizer)
+    budgets = token_budgets(prompts, inputs.problems, settings.new_tokens, context)
+    progress = Progress(log, total=len(rows) * len(inputs.adapters))
+    done = 0
+
+    def on_batch(completions: int, tokens: int) -> None:
+        nonlocal done
+        done += completions
+        progress.update(done, tokens, force=done == progress.total)
+
+    log.info(
+        f"generating {len({i for i, _ in rows})} problems x {settings.samples} samples x "
+        f"{len(inputs.adapters)} adapters with {engine.name}"
+    )
+    return generate_units(engine, inputs.adapters, units, prompts, budgets, on_batch)
+
+
+def generate_units(
+    engine: Engine,
+    adapters: Sequence[Adapter],
+    units: Sequence[Sequence[Row]],
+    prompts: Sequence[list[int]],
+    budgets: Sequence[int],
+    on_batch: OnBatch,
+) -> dict[str, list[Generation]]:
+    """The transformers engine runs exactly these batches; vLLM gets whole problems."""
+    from loraforge.engines.transformers_engine import TransformersEngine
+
+    rows = sorted(row for unit in units for row in unit)
+    if isinstance(engine, TransformersEngine):
+        done = engine.generate_rows(adapters, units, prompts, budgets, on_batch)
+        return {label: [by_row[row] for row in rows] for label, by_row in done.items()}
+    positions = sorted({i for i, _ in rows})
+    return engine.generate(
+        adapters, [prompts[i] for i in positions], [budgets[i] for i in positions], on_batch
+    )
 
 
 # --- scoring and publishing ---------------------------------------------------------------------
@@ -286,54 +386,27 @@ def score(
     return rows
 
 
-def setup_summary(settings: EvalSettings, inputs: Inputs, engine: str) -> dict[str, Any]:
-    return {
-        "base model": settings.base_model,
-        "eval data": settings.data,
-        "problems": f"{len(inputs.problems)}"
-        + (
-            f" (LORAFORGE_EVAL_LIMIT={settings.eval_limit}, seed {settings.seed})"
-            if settings.eval_limit
-            else ""
-        ),
-        "profile": settings.profile_name,
-        "few-shot": f"{settings.shots} from {inputs.fewshot_uri}" if settings.shots else "0",
-        "max new tokens": settings.new_tokens,
-        "chat template": settings.chat_template,
-        "decoding": "greedy, stop at 'Question:' or an end token",
-        "engine": engine,
-    }
-
-
-def write_outputs(
-    out: Path,
+def score_rows(
     settings: EvalSettings,
     inputs: Inputs,
-    predictions: Sequence[report.Prediction],
-    engine: str,
-) -> dict[str, Any]:
-    m = report.metrics(
-        predictions,
-        [(a.label, a.uri) for a in inputs.adapters],
-        settings.bootstrap_samples,
-        settings.seed,
-    )
-    m |= {
-        "profile": settings.profile_name,
-        "num_fewshot": settings.shots,
-        "max_new_tokens": settings.new_tokens,
-        "engine": engine,
-        "metric": settings.metric,
-    }
-    report.write_predictions(out / "predictions.jsonl", predictions)
-    (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
-    report.bar_chart(m, out / "accuracy.png")
-    setup = setup_summary(settings, inputs, engine)
-    (out / "report.md").write_text(report.markdown(m, setup, settings.metric, "accuracy.png"))
-    return m
+    shot_ids: Sequence[list[int]],
+    rows: Sequence[Row],
+    generations: dict[str, list[Generation]],
+) -> tuple[Predictions, dict[str, Any] | None]:
+    """(prediction rows adapter by adapter over `rows`, humaneval: how the programs ran)."""
+    if settings.task == "humaneval":
+        if not rows:
+            return [], None
+        assert inputs.isolation is not None  # gather probed it
+        problems, adapters = code_problems(inputs), inputs.adapters
+        return humaneval.execute(settings, problems, adapters, generations, inputs.isolation, rows)
+    math = math_problems(inputs)
+    chosen = [math[i] for i, _ in rows], [shot_ids[i] for i, _ in rows]
+    return score(*chosen, inputs.adapters, generations), None
 
 
-def publish(settings: EvalSettings, inputs: Inputs, out: Path, m: dict[str, Any]) -> None:
+def input_records(settings: EvalSettings, inputs: Inputs) -> list[dict[str, Any]]:
+    """The inputs as the manifest names them (artifacts with their manifests' sha256)."""
     records = [dict(input_record(settings.base_model, None), revision=settings.base_revision)]
     records.append(dict(input_record(settings.data, None)))
     if inputs.fewshot_uri:
@@ -341,63 +414,131 @@ def publish(settings: EvalSettings, inputs: Inputs, out: Path, m: dict[str, Any]
     records += [
         dict(input_record(a.uri, a.manifest_bytes)) for a in inputs.adapters if not a.is_base
     ]
+    return records
+
+
+def scope_of(settings: EvalSettings, inputs: Inputs, ran: dict[str, Any] | None) -> Scope:
+    labels = [(a.label, a.uri) for a in inputs.adapters]
+    records = input_records(settings, inputs)
+    n = len(inputs.problems)
+    return Scope(settings.task, labels, n, inputs.fewshot_uri, inputs.engine, records, ran)
+
+
+def setup_summary(settings: EvalSettings, scope: Scope) -> dict[str, Any]:
+    return {
+        "base model": settings.base_model,
+        "eval data": settings.data,
+        "problems": f"{scope.problems}"
+        + (
+            f" (LORAFORGE_EVAL_LIMIT={settings.eval_limit}, seed {settings.seed})"
+            if settings.eval_limit
+            else ""
+        ),
+        "profile": settings.profile_name,
+        "few-shot": f"{settings.shots} from {scope.fewshot_uri}" if settings.shots else "0",
+        "max new tokens": settings.new_tokens,
+        "chat template": settings.chat_template,
+        "decoding": "greedy, stop at 'Question:' or an end token",
+        "engine": scope.engine,
+    }
+
+
+def write_outputs(
+    out: Path, settings: EvalSettings, scope: Scope, predictions: Sequence[report.Prediction]
+) -> dict[str, Any]:
+    m = report.metrics(predictions, scope.labels, settings.bootstrap_samples, settings.seed)
+    m |= {
+        "profile": settings.profile_name,
+        "num_fewshot": settings.shots,
+        "max_new_tokens": settings.new_tokens,
+        "engine": scope.engine,
+        "metric": settings.metric,
+    }
+    report.write_predictions(out / "predictions.jsonl", predictions)
+    (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
+    report.bar_chart(m, out / "accuracy.png")
+    setup = setup_summary(settings, scope)
+    (out / "report.md").write_text(report.markdown(m, setup, settings.metric, "accuracy.png"))
+    return m
+
+
+def write_and_publish(
+    out: Path, settings: EvalSettings, scope: Scope, predictions: Predictions
+) -> list[str]:
+    """The task's outputs from the prediction rows, published at LORAFORGE_OUTPUT: an unsharded
+    run and a merge both end here. Returns the verdict's lines."""
+    if scope.task == "humaneval":
+        code = [p for p in predictions if isinstance(p, report.CodePrediction)]
+        m = humaneval.write_outputs(
+            out, settings, scope.problems, scope.labels, code, scope.ran or {}, scope.engine
+        )
+        verdict = report.code_verdict(m)
+    else:
+        math = [p for p in predictions if isinstance(p, report.Prediction)]
+        m = write_outputs(out, settings, scope, math)
+        verdict = report.verdict(m, settings.metric)
     store.publish(
         out,
         settings.output_uri,
         job="eval",
         run_id=settings.run_id,
         settings=settings.redacted(),
-        inputs=records,
+        inputs=scope.records,
         metrics=m,
     )
+    return verdict
 
 
-def run(settings: EvalSettings, ctx: JobContext) -> None:
-    if store.exists(settings.output_uri):
-        log.info(f"{settings.output_uri} is already published: nothing to do")
-        return
-    inputs = gather(settings)
-    path = base_model_path(settings)
-    tokenizer = load_tokenizer(path, settings)
-    prompts, shot_ids = build_prompts(settings, inputs, tokenizer)
-    engine, context = build_engine(settings, inputs, path, tokenizer)
-    budgets = token_budgets(prompts, inputs.problems, settings.new_tokens, context)
-    n = settings.samples  # 1 for gsm8k
-    total = len(prompts) * n * len(inputs.adapters)
-    progress = Progress(log, total=total)
-    done = 0
-
-    def on_batch(completions: int, tokens: int) -> None:
-        nonlocal done
-        done += completions
-        progress.update(done, tokens, force=done == total)
-
-    log.info(
-        f"generating {len(prompts)} problems x {n} samples x {len(inputs.adapters)} adapters "
-        f"with {engine.name}"
-    )
-    generations = engine.generate(inputs.adapters, prompts, budgets, on_batch)
-    with tempfile.TemporaryDirectory(prefix="loraforge-eval-") as tmp:
-        if settings.task == "humaneval":
-            assert inputs.isolation is not None  # gather probed it
-            problems, adapters = code_problems(inputs), inputs.adapters
-            rows, ran = humaneval.execute(
-                settings, problems, adapters, generations, inputs.isolation
-            )
-            m = humaneval.write_outputs(
-                Path(tmp), settings, problems, adapters, rows, ran, engine.name
-            )
-            verdict = report.code_verdict(m)
-        else:
-            predictions = score(math_problems(inputs), shot_ids, inputs.adapters, generations)
-            m = write_outputs(Path(tmp), settings, inputs, predictions, engine.name)
-            verdict = report.verdict(m, settings.metric)
-        publish(settings, inputs, Path(tmp), m)
+def announce(settings: EvalSettings, verdict: Sequence[str]) -> None:
     for line in verdict:
         log.info(line.replace("**", ""), extra={"event": "verdict"})
     published = ", ".join(files(settings.task))
     log.info(f"published {settings.output_uri}: {published}", extra={"event": "published"})
 
 
+# --- the job ------------------------------------------------------------------------------------
+
+
+def run(settings: EvalSettings, ctx: JobContext) -> None:
+    if store.exists(settings.output_uri):
+        log.info(f"{settings.output_uri} is already published: nothing to do")
+        return
+    role = shards.role(settings, os.environ)
+    if role.merging:
+        verdict = shards.merge(settings, role.count, write_and_publish)
+    elif role.sharded and shards.published(settings.output_uri, role):
+        log.info(f"shard {role.index} of {role.count} is already published")
+        verdict = shards.merge_when_complete(settings, role, write_and_publish)
+    else:
+        verdict = score_part(settings, role)
+    if verdict is not None:
+        announce(settings, verdict)
+
+
+def score_part(settings: EvalSettings, role: Role) -> list[str] | None:
+    """Generate and score this job's part (all of it unsharded) and publish it; the verdict's
+    lines when this job published LORAFORGE_OUTPUT."""
+    inputs = gather(settings)
+    path = base_model_path(settings)
+    tokenizer = load_tokenizer(path, settings)
+    prompts, shot_ids = build_prompts(settings, inputs, tokenizer)
+    units = plan(settings, inputs.engine, prompts)
+    mine = shards.take(units, role.index or 0, role.count)
+    rows = sorted(row for unit in mine for row in unit)
+    generations = generate(settings, inputs, path, tokenizer, prompts, mine)
+    predictions, ran = score_rows(settings, inputs, shot_ids, rows, generations)
+    scope = scope_of(settings, inputs, ran)
+    if role.sharded:
+        found = shards.fingerprint(settings, scope, inputs.problems, prompts, units)
+        shards.publish_partial(settings, role, scope, found, rows, predictions)
+        return shards.merge_when_complete(settings, role, write_and_publish)
+    with tempfile.TemporaryDirectory(prefix="loraforge-eval-") as tmp:
+        return write_and_publish(Path(tmp), settings, scope, predictions)
+
+
 def main() -> None:
     job_main(EvalSettings, run)
+
+
+if __name__ == "__main__":  # python -m loraforge.eval
+    main()

@@ -281,46 +281,49 @@ def score(
     limits: sandbox.Limits,
     workers: int | None,
     on_done: Callable[[int, int], None] | None = None,
+    rows: Sequence[tuple[int, int]] | None = None,
 ) -> list[CodePrediction]:
     """Run every completion's program in the sandbox and make one row per sample.
 
-    A program is run once however often it was generated (greedy runs under several adapters,
-    repeated samples at a low temperature): its row records the same outcome each time.
+    `generations[label]` holds the completions of `rows` ((problem position, sample), in that
+    order; default: every problem's n samples, as the engines return them). A program is run
+    once however often it was generated (greedy runs under several adapters, repeated samples
+    at a low temperature): its row records the same outcome each time.
     `on_done(finished, total)` reports the executions.
     """
+    if rows is None:
+        rows = [(i, j) for i in range(len(problems)) for j in range(n)]
     index: dict[tuple[int, str], int] = {}  # (problem position, completion) -> program
     sources: list[str] = []
     for adapter in adapters:
-        for i, problem in enumerate(problems):
-            for gen in generations[adapter.label][i * n : (i + 1) * n]:
-                if (i, gen.text) not in index:
-                    index[i, gen.text] = len(sources)
-                    sources.append(program(problem, gen.text))
+        for (i, _), gen in zip(rows, generations[adapter.label], strict=True):
+            if (i, gen.text) not in index:
+                index[i, gen.text] = len(sources)
+                sources.append(program(problems[i], gen.text))
     total = len(sources)
     results = sandbox.run_many(
         sources, limits, workers, None if on_done is None else lambda done: on_done(done, total)
     )
-    rows = []
+    scored = []
     for adapter in adapters:
-        for i, problem in enumerate(problems):
-            for j, gen in enumerate(generations[adapter.label][i * n : (i + 1) * n]):
-                result = results[index[i, gen.text]]
-                rows.append(
-                    CodePrediction(
-                        problem_id=problem.index,
-                        task_id=problem.task_id,
-                        adapter=adapter.label,
-                        sample=j,
-                        output=gen.text,
-                        passed=result.passed,
-                        status=result.status,
-                        detail=result.detail,
-                        exec_s=round(result.wall_s, 3),
-                        output_tokens=gen.tokens,
-                        finish=gen.finish,
-                    )
+        for (i, j), gen in zip(rows, generations[adapter.label], strict=True):
+            result = results[index[i, gen.text]]
+            scored.append(
+                CodePrediction(
+                    problem_id=problems[i].index,
+                    task_id=problems[i].task_id,
+                    adapter=adapter.label,
+                    sample=j,
+                    output=gen.text,
+                    passed=result.passed,
+                    status=result.status,
+                    detail=result.detail,
+                    exec_s=round(result.wall_s, 3),
+                    output_tokens=gen.tokens,
+                    finish=gen.finish,
                 )
-    return rows
+            )
+    return scored
 
 
 # --- the eval job's part ------------------------------------------------------------------
@@ -332,8 +335,10 @@ def execute(
     adapters: Sequence[Adapter],
     generations: dict[str, list[Generation]],
     isolation: sandbox.Isolation,
+    rows: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[list[CodePrediction], dict[str, Any]]:
-    """Run every distinct completion's program in the sandbox; (rows, what ran and how)."""
+    """Run every distinct completion's program in the sandbox; (rows, what ran and how).
+    `rows`: as `score` (a shard's part of the problems and samples)."""
     limits = sandbox.Limits(settings.sandbox_timeout, settings.sandbox_memory_mb)
     workers = settings.sandbox_workers or sandbox.default_workers()
     started = last = time.monotonic()
@@ -348,8 +353,9 @@ def execute(
             )
 
     log.info(f"running the completions' programs in the sandbox, {workers} at a time")
-    rows = score(problems, adapters, generations, settings.samples, limits, workers, on_done)
-    programs = len({(r.problem_id, r.output) for r in rows})
+    n = settings.samples
+    scored = score(problems, adapters, generations, n, limits, workers, on_done, rows)
+    programs = len({(r.problem_id, r.output) for r in scored})
     ran = {
         "isolation": isolation.description,
         "timeout_s": limits.timeout,
@@ -358,23 +364,23 @@ def execute(
         "processes": limits.processes,
         "workers": workers,
         "programs": programs,
-        "samples": len(rows),
+        "samples": len(scored),
         "wall_s": round(time.monotonic() - started, 1),
     }
-    return rows, ran
+    return scored, ran
 
 
 def write_outputs(
     out: Path,
     settings: EvalSettings,
-    problems: Sequence[Problem],
-    adapters: Sequence[Adapter],
+    problems: int,
+    labels: Sequence[tuple[str, str]],
     rows: Sequence[CodePrediction],
     ran: dict[str, Any],
     engine: str,
 ) -> dict[str, Any]:
-    """predictions.jsonl, metrics.json, report.md and pass_at_k.png in `out`; the metrics."""
-    labels = [(a.label, a.uri) for a in adapters]
+    """predictions.jsonl, metrics.json, report.md and pass_at_k.png in `out`; the metrics.
+    `problems`: how many were scored; `labels`: (label, URI) per adapter, in order."""
     m = metrics(rows, labels, settings.ks, settings.bootstrap_samples, settings.seed)
     m |= {
         "profile": settings.profile_name,
@@ -387,7 +393,7 @@ def write_outputs(
     report.write_predictions(out / "predictions.jsonl", rows)
     (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
     report.pass_chart(m, out / CHART)
-    setup = setup_summary(settings, len(problems), ran, engine)
+    setup = setup_summary(settings, problems, ran, engine)
     markdown = report.code_markdown(m, setup, CHART)
     (out / "report.md").write_text(markdown)
     return m

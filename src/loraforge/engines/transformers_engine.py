@@ -138,8 +138,22 @@ def sample_tokens(
     return torch.cat(draws)
 
 
+Row = tuple[int, int]  # (prompt position in the whole prompt list, sample)
+
+
+def batch_plan(lengths: Sequence[int], n: int, batch_size: int) -> list[list[Row]]:
+    """The engine's batches over every prompt (`lengths`: token counts): rows (prompt i, sample
+    j) sorted by prompt length, longest first, ties in prompt order, cut every `batch_size`.
+    A shard of the eval job runs a block of these batches, so every row is generated in the
+    batch, with the batch-mates and padding, that it has in an unsharded run."""
+    rows = [(i, j) for i in range(len(lengths)) for j in range(n)]
+    rows.sort(key=lambda row: -lengths[row[0]])  # stable: ties keep prompt order
+    return [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+
+
 def row_seed(seed: int, prompt: int, sample: int) -> int:
-    """A 63-bit seed per (seed, prompt position, sample), the same for every adapter."""
+    """A 63-bit seed per (seed, prompt position, sample), the same for every adapter; the
+    position is in the whole prompt list, so a shard draws what an unsharded run draws."""
     digest = hashlib.sha256(f"loraforge-sample-{seed}-{prompt}-{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
@@ -253,17 +267,39 @@ class TransformersEngine:
     ) -> list[Generation]:
         """Length-sorted batches (longest first); results back in prompt order, each prompt's
         `n` samples together."""
-        n = self.decoding.n
-        rows = [(i, j) for i in range(len(prompts)) for j in range(n)]  # row i * n + j
-        order = sorted(range(len(rows)), key=lambda r: -len(prompts[rows[r][0]]))
-        results: list[Generation | None] = [None] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            outputs = self._batch([rows[r] for r in chunk], prompts, budgets)
-            for r, (ids, finish) in zip(chunk, outputs, strict=True):
-                results[r] = Generation(self.stops.text(ids), len(ids), finish)
+        plan = batch_plan([len(p) for p in prompts], self.decoding.n, self.batch_size)
+        done = self.generate_batches(plan, prompts, budgets, on_batch)
+        return [done[row] for row in sorted(done)]
+
+    def generate_rows(
+        self,
+        adapters: Sequence[Adapter],
+        batches: Sequence[Sequence[Row]],
+        prompts: Sequence[list[int]],
+        budgets: Sequence[int],
+        on_batch: OnBatch,
+    ) -> dict[str, dict[Row, Generation]]:
+        """Some batches of `batch_plan` (a shard's) under every adapter: {label: {row: output}}."""
+        results = {}
+        for adapter in adapters:
+            with self.active(adapter):
+                results[adapter.label] = self.generate_batches(batches, prompts, budgets, on_batch)
+        return results
+
+    def generate_batches(
+        self,
+        batches: Sequence[Sequence[Row]],
+        prompts: Sequence[list[int]],
+        budgets: Sequence[int],
+        on_batch: OnBatch,
+    ) -> dict[Row, Generation]:
+        results = {}
+        for chunk in batches:
+            outputs = self._batch(list(chunk), prompts, budgets)
+            for row, (ids, finish) in zip(chunk, outputs, strict=True):
+                results[row] = Generation(self.stops.text(ids), len(ids), finish)
             on_batch(len(chunk), sum(len(ids) for ids, _ in outputs))
-        return [r for r in results if r is not None]
+        return results
 
     def _batch(
         self, rows: list[tuple[int, int]], prompts: Sequence[list[int]], budgets: Sequence[int]

@@ -30,6 +30,8 @@ TIMEOUT = (10.0, 60.0)  # (connect, read) seconds of one API request
 STREAM_TIMEOUT = None
 WAIT_RETRIES = 5  # consecutive unanswered polls `wait` tolerates before giving up
 LAUNCHER_ROLE = "Role loraforge-launcher"  # k8s/base/rbac.yaml: jobs, pods, pods/log
+# The Kubeflow kinds `loraforge render train --engine` renders (docs/scale.md).
+CUSTOM_PLURALS = {"TrainJob": "trainjobs", "PyTorchJob": "pytorchjobs"}
 
 # What a pod's exit code means (design.md, "Exit codes and Kubernetes semantics").
 EXIT_MEANING = {
@@ -273,6 +275,47 @@ class Cluster:
             conflict=taken,
         )
         return str(created["metadata"]["name"])
+
+    def create(self, obj: dict[str, Any]) -> str:
+        """Create one rendered object (in its own namespace, else ours); returns its name.
+
+        Jobs go through `submit`; the others a multi-node or sharded render adds: the headless
+        Service and NetworkPolicy of an Indexed Job, and the Kubeflow TrainJob and PyTorchJob
+        (custom resources: their operators must be installed)."""
+        kind, meta = obj.get("kind"), obj.get("metadata") or {}
+        if kind == "Job":
+            return self.submit(obj)
+        name, namespace = meta.get("name"), meta.get("namespace") or self.namespace
+        request = self._creator(str(kind), str(obj.get("apiVersion")), namespace, obj)
+        if request is None or not name:
+            raise PermanentError(f"submit: cannot create a {kind} ({obj.get('apiVersion')})")
+        run_id = (meta.get("labels") or {}).get("app.kubernetes.io/instance", name)
+        taken = (
+            f"{kind} {name} already exists in namespace {namespace}: run id {run_id} is taken; "
+            "set a new LORAFORGE_RUN_ID in the spec (or delete the old objects)"
+        )
+        created = self._json(f"create {kind} {name} in namespace {namespace}", request, taken)
+        return str(created["metadata"]["name"])
+
+    def _creator(
+        self, kind: str, api_version: str, namespace: str, obj: dict[str, Any]
+    ) -> Callable[[], Any] | None:
+        from kubernetes import client
+
+        kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": TIMEOUT}
+        if kind == "Service":
+            return lambda: self._core.create_namespaced_service(namespace, obj, **kwargs)
+        if kind == "NetworkPolicy":
+            net: Any = client.NetworkingV1Api(self._api_client)
+            return lambda: net.create_namespaced_network_policy(namespace, obj, **kwargs)
+        plural = CUSTOM_PLURALS.get(kind)
+        if plural is None:
+            return None
+        group, version = api_version.split("/")
+        custom: Any = client.CustomObjectsApi(self._api_client)
+        return lambda: custom.create_namespaced_custom_object(
+            group, version, namespace, plural, obj, **kwargs
+        )
 
     def status(self, name: str) -> JobStatus:
         return job_status(self._read_job(name), self._pods(name))

@@ -66,16 +66,23 @@ def _follow_flags(args: argparse.Namespace, namespace: str, default_namespace: s
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from loraforge.launcher.render import render_from_args
+    from loraforge.launcher.scale import items
 
-    manifest: dict[str, Any] = render_from_args(args.job, args)  # validates the spec first
+    # a Job, or the objects of a multi-node run in creation order (Service, ..., Job last)
+    objects = items(render_from_args(args.job, args))  # validates the spec first
+    manifest = objects[-1]
     # the Job goes to its manifest's namespace; the connection's default namespace is the one
     # the follow-up commands will use without a --namespace flag
     with Cluster.connect(None, args.kubeconfig, args.context) as cluster:
-        name = cluster.submit(manifest)
+        name = [cluster.create(obj) for obj in objects][-1]
         namespace = manifest["metadata"].get("namespace") or cluster.namespace
         flags = _follow_flags(args, namespace, cluster.namespace)
     print(name)
-    print(f"submitted Job {name} to namespace {namespace}; follow it with:", file=sys.stderr)
+    kind = manifest["kind"]
+    print(f"submitted {kind} {name} to namespace {namespace}; follow it with:", file=sys.stderr)
+    if kind != "Job":  # the follow-up commands read Jobs
+        print(f"  kubectl get {kind.lower()} -n {namespace} {name}", file=sys.stderr)
+        return EXIT_OK
     for verb in ("logs -f", "wait", "status", "cancel"):
         print(f"  loraforge {verb}{flags} {name}", file=sys.stderr)
     return EXIT_OK

@@ -4,8 +4,9 @@
 `batch/v1` Job (plain dicts) out. `render_from_args` does the looking-up around it: it reads the
 spec, refuses credentials in it (first, so that no later message can echo one), validates it
 with the job's own settings class (a typo fails here, before a GPU is allocated), reads the base
-model's `config.json`, resolves `--gpu` (a catalog name, `none` for a CPU Job, or `auto`: the GPU
-Feature Discovery labels of the cluster's nodes) and plans the run for that GPU.
+model's `config.json`, resolves `--gpu` (`placement.py`: a catalog name, `none` for a CPU Job, or
+`auto`: the GPU Feature Discovery labels of the cluster's nodes) and plans the run for that GPU;
+`scale.py` reshapes the Job for several GPUs, nodes or shards and for queues (docs/scale.md).
 
 What every Job carries follows design.md, "Exit codes and Kubernetes semantics": the
 podFailurePolicy acting on exit codes 2/75/143 and on disruptions, restricted Pod Security with
@@ -42,7 +43,6 @@ from loraforge.errors import (
     EXIT_PERMANENT,
     EXIT_TERMINATED,
     EXIT_TRANSIENT,
-    LoraforgeError,
     PermanentError,
 )
 from loraforge.logs import CREDENTIAL_VALUE, SECRET_NAME
@@ -50,7 +50,7 @@ from loraforge.settings import JOB_SETTINGS, JobSettings, load_settings, read_en
 from loraforge.settings.base import PREFIX
 
 if TYPE_CHECKING:
-    from loraforge.launcher.gpus import Gpu, NodeGpu
+    from loraforge.launcher.gpus import Gpu
     from loraforge.sizing import Plan
 
 log = logging.getLogger("loraforge.render")
@@ -516,6 +516,9 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kubeconfig", default=None, help="for --gpu auto (default: ~/.kube)")
     parser.add_argument("--context", default=None, help="kubeconfig context for --gpu auto")
+    from loraforge.launcher.scale import add_scale_arguments
+
+    add_scale_arguments(parser)
 
 
 def _positive_int(text: str) -> int:
@@ -533,8 +536,9 @@ def _non_negative_int(text: str) -> int:
 
 
 def render_from_args(job: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Read, validate, size and render: what `loraforge render <job>` prints."""
-    from loraforge.launcher import models
+    """Read, validate, size and render: what `loraforge render <job>` prints (a Job, or a List of
+    the objects a multi-node or queued run needs: `scale.render`)."""
+    from loraforge.launcher import models, placement, scale
 
     spec = read_env_file(args.env_file)
     check_no_credentials(job, spec)
@@ -555,120 +559,22 @@ def render_from_args(job: str, args: argparse.Namespace) -> dict[str, Any]:
         spec_file=str(args.env_file),
     )
     check_s3_access(job, settings, options)
+    layout = scale.layout_from(job, spec, settings, args)
     config = models.read_config(settings.base_model, settings.base_revision)
-    options = replace(options, model_bytes=weight_bytes(config))
-    gpu, plan, options = resolve_gpu(job, args, config, settings, options)
-    rendered = render_job(
-        job, spec, gpu=gpu, gpu_count=0 if gpu is None else 1, plan=plan, options=options
-    )
+    options = replace(options, model_bytes=placement.weight_bytes(config))
+    if layout.merge:  # merging the shards' predictions needs no GPU
+        gpu, plan = None, None
+    else:
+        gpu, plan, options = placement.resolve_gpu(
+            job, args, config, settings, options, layout.plan_gpus
+        )
+    rendered = scale.render(job, spec, layout, gpu=gpu, plan=plan, options=options)
     if not settings.output_uri.startswith("s3://"):  # fine for a kind cluster's smoke test
         log.warning(
             f"{settings.output_uri} is a local path: the pod's output is lost with its emptyDir; "
             "set LORAFORGE_STORE to an s3:// prefix"
         )
     return rendered
-
-
-def weight_bytes(config: Mapping[str, Any]) -> int:
-    """Bytes of the base weights at 16 bits, from `config.json` (no torch)."""
-    from loraforge.sizing import ModelShape
-
-    return 2 * ModelShape.from_config(config).params
-
-
-def plan_for(job: str, config: Mapping[str, Any], gpu: Gpu, settings: JobSettings) -> Plan:
-    """The sizing plan of `job` on `gpu` (PermanentError when it cannot fit)."""
-    from loraforge import sizing
-    from loraforge.settings import EditSettings, EvalSettings, TrainSettings
-
-    if isinstance(settings, TrainSettings):
-        return sizing.plan_train(config, gpu, settings)
-    if isinstance(settings, EditSettings):
-        return sizing.plan_edit(config, gpu, settings)
-    if isinstance(settings, EvalSettings):
-        return sizing.plan_eval(config, gpu, settings)
-    raise PermanentError(f"no sizing for the {job} job")
-
-
-def resolve_gpu(
-    job: str,
-    args: argparse.Namespace,
-    config: Mapping[str, Any],
-    settings: JobSettings,
-    options: RenderOptions,
-) -> tuple[Gpu | None, Plan | None, RenderOptions]:
-    """`--gpu NAME|none|auto` -> the GPU, its sizing plan and the node-specific options."""
-    from loraforge.launcher import gpus
-
-    if args.gpu == "none":
-        return None, None, options
-    if args.gpu != "auto":
-        gpu = gpus.get(args.gpu)
-        # a GFD product name (not a catalog name) selects exactly that product
-        product = next((p for p in gpu.products if p.lower() == args.gpu.lower()), None)
-        options = replace(options, gpu_product=product)
-        return gpu, plan_for(job, config, gpu, settings), options
-    labels = _cluster_gpu_labels(args)
-    offered = [
-        ng for name, node_labels in labels.items() for ng in gpus.node_gpus(name, node_labels)
-    ]
-    if not offered:
-        where = f"node {args.node} carries" if args.node else "no node of the cluster carries"
-        raise PermanentError(
-            f"--gpu auto: {where} NVIDIA GPU Feature Discovery labels ({PRODUCT_LABEL}): "
-            "install GFD (NVIDIA GPU Operator) or name a GPU with --gpu NAME"
-        )
-    chosen, plan = pick(job, config, settings, offered)
-    node_labels = labels[chosen.node]
-    memory = node_labels.get(MEMORY_LABEL, "")
-    options = replace(
-        options,
-        node=node_labels.get(HOSTNAME_LABEL, chosen.node) if args.node else None,
-        gpu_product=chosen.product,
-        gpu_memory_mib=int(memory) if memory.isdigit() else None,
-        gpu_resource=chosen.resource,
-    )
-    return chosen.gpu, plan, options
-
-
-def pick(
-    job: str, config: Mapping[str, Any], settings: JobSettings, offered: list[NodeGpu]
-) -> tuple[NodeGpu, Plan]:
-    """The smallest GPU offered that the run fits once sized for it, and the plan for it.
-
-    Sizing depends on the GPU (quantization, micro-batch, checkpointing), so each kind of GPU
-    is planned for, smallest first; `gpus.pick_node` then picks among the nodes offering it.
-    """
-    from loraforge.launcher import gpus
-
-    problems = []
-    for gpu in sorted({ng.gpu for ng in offered}, key=lambda g: (g.vram_gib, g.name)):
-        try:
-            plan = plan_for(job, config, gpu, settings)
-        except PermanentError as exc:
-            problems.append(f"{gpu.name}: {exc}")
-            continue
-        return gpus.pick_node([ng for ng in offered if ng.gpu == gpu], plan.peak_bytes), plan
-    raise PermanentError("--gpu auto: the run fits no GPU of the cluster: " + "; ".join(problems))
-
-
-def _cluster_gpu_labels(args: argparse.Namespace) -> dict[str, dict[str, str]]:
-    """Node name -> labels, for every node or the one named by --node."""
-    from loraforge.launcher.client import Cluster
-
-    try:
-        with Cluster.connect(args.namespace, args.kubeconfig, args.context) as cluster:
-            nodes = dict(cluster.list_nodes())
-    except LoraforgeError as exc:
-        raise type(exc)(
-            f"--gpu auto needs the cluster's node labels: {exc}; or name a GPU with --gpu NAME "
-            "(`loraforge gpus` lists them) or --gpu none"
-        ) from exc
-    if args.node:
-        if args.node not in nodes:
-            raise PermanentError(f"--node {args.node}: no such node in the cluster")
-        return {args.node: nodes[args.node]}
-    return nodes
 
 
 class _Dumper(yaml.SafeDumper):
@@ -679,7 +585,10 @@ class _Dumper(yaml.SafeDumper):
 
 
 def to_yaml(job: Mapping[str, Any]) -> str:
-    """The Job as YAML, fields in the order they were built."""
-    return yaml.dump(
-        dict(job), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096
+    """The Job as YAML, fields in the order they were built; a List as one document per item,
+    in creation order (what `kubectl apply -f` and `loraforge submit` take)."""
+    docs = job["items"] if job.get("kind") == "List" else [job]
+    return "---\n".join(
+        yaml.dump(dict(d), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096)
+        for d in docs
     )

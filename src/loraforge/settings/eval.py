@@ -141,6 +141,22 @@ class EvalSettings(JobSettings):
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     """Fraction of GPU memory vLLM may take (weights, KV cache, LoRA slots)."""
 
+    tensor_parallel: int = Field(default=1, ge=1, le=64)
+    """vLLM: GPUs one model is split across (vLLM's tensor_parallel_size), for a base that does
+    not fit one GPU; the pod needs that many GPUs. The transformers engine runs on one device and
+    refuses more than 1."""
+
+    shards: int = Field(default=1, ge=1, le=10_000)
+    """Split the problems into this many shards, each scored by its own job (a Kubernetes
+    Indexed Job with this many completions). Shard i publishes a partial artifact at
+    `<LORAFORGE_OUTPUT>-shards/<i>-of-<n>`; the last one to finish merges them into
+    LORAFORGE_OUTPUT, with the metrics an unsharded run gives."""
+
+    shard: str | None = None
+    """Which shard this job scores, 0 .. LORAFORGE_SHARDS-1 (default: the Indexed Job's
+    JOB_COMPLETION_INDEX), or `merge`: check every shard's partial artifact and publish the
+    merged result (exit 75 while a shard is missing)."""
+
     @field_validator("adapters", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
@@ -151,6 +167,16 @@ class EvalSettings(JobSettings):
         if isinstance(value, list) and len(set(value)) < len(value):
             twice = sorted({v for v in value if value.count(v) > 1})
             raise ValueError(f"{', '.join(twice)} listed more than once: list each adapter once")
+        return value
+
+    @field_validator("shard", mode="before")
+    @classmethod
+    def _shard_index(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if not (value.isdigit() or value == "merge"):
+                raise ValueError("give a shard index (0, 1, ...) or `merge`")
+            value = value if value == "merge" else str(int(value))
         return value
 
     @field_validator("profile", mode="before")
@@ -182,6 +208,7 @@ class EvalSettings(JobSettings):
                 f"LORAFORGE_PROFILE={self.profile_name} is a {profile.task} profile: set "
                 f"LORAFORGE_TASK={profile.task} or a {self.task} profile"
             )
+        problems += self._shard_problems()
         if self.task == "humaneval":
             problems += self._code_problems()
         else:
@@ -195,6 +222,21 @@ class EvalSettings(JobSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _shard_problems(self) -> list[str]:
+        if self.shard is None:
+            return []
+        if self.shards == 1:
+            return [
+                f"LORAFORGE_SHARD={self.shard} but LORAFORGE_SHARDS=1: set LORAFORGE_SHARDS to "
+                "the number of shards, or remove LORAFORGE_SHARD"
+            ]
+        if self.shard != "merge" and int(self.shard) >= self.shards:
+            return [
+                f"LORAFORGE_SHARD={self.shard} is not a shard of LORAFORGE_SHARDS={self.shards}: "
+                f"use 0 to {self.shards - 1}, or `merge`"
+            ]
+        return []
 
     def _code_problems(self) -> list[str]:
         problems = []

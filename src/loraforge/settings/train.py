@@ -148,6 +148,21 @@ class TrainSettings(JobSettings):
     """BiDoRA: fraction of LORAFORGE_MAX_STEPS trained at the end on the direction alone, with the
     magnitude fixed."""
 
+    gpus: int = Field(default=1, ge=1, le=64)
+    """Training processes (GPUs) per node. Above 1 the pod runs the job under `torchrun`
+    (`loraforge-torchrun`): data parallel, each process taking LORAFORGE_GRAD_ACCUM/world-size
+    of every step's micro-batches, so the effective batch and the result stay those of one
+    process. LORAFORGE_GRAD_ACCUM must be a multiple of LORAFORGE_GPUS x LORAFORGE_NODES."""
+
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes share the work: `ddp` (each holds the whole model; data parallel)
+    or `fsdp` (FSDP2: base and adapter sharded across the processes, for a base that does not
+    fit one GPU; not with a quantized base). Checkpoints are interchangeable between the two."""
+
+    nodes: int = Field(default=1, ge=1, le=256)
+    """Nodes (pods) training together; above 1 `loraforge render train --engine` chooses the
+    multi-node form (Indexed Job + headless Service, Kubeflow TrainJob or PyTorchJob)."""
+
     @field_validator("target_modules", mode="before")
     @classmethod
     def _targets(cls, value: object) -> object:
@@ -168,6 +183,25 @@ class TrainSettings(JobSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
+        world = self.gpus * self.nodes
+        if self.grad_accum % world:
+            raise ValueError(
+                f"LORAFORGE_GRAD_ACCUM={self.grad_accum} is not a multiple of the "
+                f"{world} training processes (LORAFORGE_GPUS={self.gpus} x LORAFORGE_NODES="
+                f"{self.nodes}): each process takes an equal share of a step's micro-batches; "
+                f"set LORAFORGE_GRAD_ACCUM to a multiple of {world}"
+            )
+        if self.parallel == "fsdp" and self.quantization in ("nf4", "int8"):
+            raise ValueError(
+                f"LORAFORGE_PARALLEL=fsdp with LORAFORGE_QUANTIZATION={self.quantization}: "
+                "FSDP shards full-precision weights; use quantization none (or auto) with fsdp, "
+                "or ddp with the quantized base"
+            )
+        if world > 1 and self.method == "bidora":
+            raise ValueError(
+                "LORAFORGE_METHOD=bidora runs in one process (its hypergradient is not data "
+                "parallel): set LORAFORGE_GPUS=1 and LORAFORGE_NODES=1, or train dora"
+            )
         if any(r < 1 for r in self.rank_pattern.values()):
             raise ValueError("LORAFORGE_RANK_PATTERN: every rank must be >= 1")
         if self.method == "bidora":
