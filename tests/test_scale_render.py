@@ -30,6 +30,8 @@ from loraforge.launcher.scale import items
 from tests.test_client import write_kubeconfig
 from tests.test_k8s import CHECKOV, ROOT, VERSIONS
 from tests.test_render import LOCAL_SPECS, render, write_spec
+from tests.test_render import ctr as container
+from tests.test_render import pod as pod_spec
 
 MULTI = "jobs/train.multigpu.env"  # 2 nodes x 4 GPUs
 SHARDED = "jobs/eval.sharded.env"  # 8 shards
@@ -54,15 +56,6 @@ def rules(job: str) -> list[dict[str, Any]]:
 
 def by_kind(rendered: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {obj["kind"]: obj for obj in items(rendered)}
-
-
-def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj["spec"]["template"]["spec"]  # type: ignore[no-any-return]
-
-
-def container(obj: dict[str, Any]) -> dict[str, Any]:
-    [only] = pod_spec(obj)["containers"]
-    return only  # type: ignore[no-any-return]
 
 
 def env(ctr: dict[str, Any]) -> dict[str, Any]:

@@ -365,8 +365,28 @@ def test_refusals_name_nf4_and_a_shorter_max_seq_len() -> None:
     ):
         sizing.plan_train(QWEN_7B, node_gpu("l4"), train_settings(quantization="none"))
     # on the T4 even nf4 fails at 2048 tokens: half the logits (2.3 GiB) make it fit
-    with pytest.raises(PermanentError, match=r"LORAFORGE_MAX_SEQ_LEN=1024 or --gpu L4$"):
+    # ... or FSDP over 4 T4s (each: a quarter of the weights)
+    fsdp = "LORAFORGE_PARALLEL=fsdp LORAFORGE_GPUS=4 LORAFORGE_GRAD_ACCUM=4"
+    with pytest.raises(PermanentError, match=rf"LORAFORGE_MAX_SEQ_LEN=1024 or {fsdp} or --gpu L4$"):
         sizing.plan_train(QWEN_7B, node_gpu("t4"), train_settings())
+
+
+def test_fsdp_shards_weights_and_adapter_state_over_the_processes() -> None:
+    shape = sizing.ModelShape.from_config(QWEN_7B)
+    whole = sizing.estimate_train(
+        shape, quantization="none", rank=16, tokens_per_micro_batch=2048, checkpointing=True
+    )
+    four = sizing.sharded(whole, shape, 4)
+    # a GPU holds a quarter of the bf16 weights plus two of the 28 decoder layers gathered whole
+    assert shape.layers == 28
+    assert four.weights == whole.weights / 4 + 2 * whole.weights / 28
+    assert four.adapter == whole.adapter / 4
+    assert (four.activations, four.logits) == (whole.activations, whole.logits)
+    settings = train_settings(quantization="auto", parallel="fsdp", gpus=4, grad_accum=4)
+    plan = sizing.plan_train(QWEN_7B, node_gpu("l4"), settings)
+    assert plan.env["LORAFORGE_QUANTIZATION"] == "none"  # FSDP never picks a k-bit base
+    with pytest.raises(PermanentError, match="does not fit L4"):  # one L4 cannot hold it
+        sizing.plan_train(QWEN_7B, node_gpu("l4"), train_settings(quantization="none"))
 
 
 def test_plan_eval_falls_back_to_transformers_when_vllm_cannot_hold_the_context() -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -433,7 +434,31 @@ def _shorter(max_seq_len: int) -> list[tuple[str, dict[str, Any]]]:
     return [(f"LORAFORGE_MAX_SEQ_LEN={n}", {"max_seq_len": n}) for n in lengths]
 
 
+def fsdp_shards(s: TrainSettings) -> int:
+    """Processes the weights are sharded over (1 unless LORAFORGE_PARALLEL=fsdp)."""
+    return s.gpus * s.nodes if s.parallel == "fsdp" else 1
+
+
+def sharded(estimate: TrainEstimate, shape: ModelShape, shards: int) -> TrainEstimate:
+    """FSDP: a GPU keeps 1/W of the weights, adapter and optimizer state, plus two decoder
+    layers gathered whole (the one computing and the one prefetched)."""
+    if shards == 1:
+        return estimate
+    gathered = 2 * estimate.weights / max(shape.layers, 1)
+    return dataclasses.replace(
+        estimate,
+        weights=estimate.weights / shards + gathered,
+        adapter=estimate.adapter / shards,
+    )
+
+
 def _estimate_for(
+    shape: ModelShape, s: TrainSettings, gpu: Gpu, quantization: str, micro: int, ckpt: bool
+) -> TrainEstimate:
+    return sharded(_whole_estimate(shape, s, gpu, quantization, micro, ckpt), shape, fsdp_shards(s))
+
+
+def _whole_estimate(
     shape: ModelShape, s: TrainSettings, gpu: Gpu, quantization: str, micro: int, ckpt: bool
 ) -> TrainEstimate:
     return estimate_train(
@@ -451,7 +476,11 @@ def _estimate_for(
 def _train_search(shape: ModelShape, s: TrainSettings, gpu: Gpu) -> Plan | None:
     """Least lossy quantization first; then the largest micro-batch, without checkpointing while
     a micro-batch keeps enough tokens; accumulation grows as the micro-batch shrinks."""
-    quantizations = ("none", "int8", "nf4") if s.quantization == "auto" else (s.quantization,)
+    quantizations: tuple[str, ...] = (
+        ("none", "int8", "nf4") if s.quantization == "auto" else (s.quantization,)
+    )
+    if fsdp_shards(s) > 1:  # FSDP shards full-precision weights only
+        quantizations = tuple(q for q in quantizations if q == "none")
     sizes = _divisors(s.micro_batch_size)
     if s.gradient_checkpointing == "auto":
         big = [m for m in sizes if m * s.max_seq_len >= MIN_TOKENS_WITHOUT_CHECKPOINTING]
@@ -493,7 +522,19 @@ def plan_train(config: Mapping[str, Any], gpu: Gpu, settings: TrainSettings) -> 
     if quantization in ("none", "int8"):
         tweaks.append([("LORAFORGE_QUANTIZATION=nf4", {"quantization": "nf4"})])
     tweaks.append(_shorter(settings.max_seq_len))
+    if not gpu.mig and settings.method != "bidora" and settings.quantization in ("auto", "none"):
+        tweaks.append(_fsdp(settings))  # (NCCL does not span MIG slices)
     raise _refusal(search, settings, gpu, need, lean, tweaks)
+
+
+def _fsdp(s: TrainSettings) -> list[tuple[str, dict[str, Any]]]:
+    """More GPUs sharing the weights (LORAFORGE_GRAD_ACCUM must then be a multiple of them)."""
+    options = []
+    for n in (2, 4, 8):
+        accum = s.grad_accum if s.grad_accum % n == 0 else math.lcm(s.grad_accum, n)
+        text = f"LORAFORGE_PARALLEL=fsdp LORAFORGE_GPUS={n} LORAFORGE_GRAD_ACCUM={accum}"
+        options.append((text, {"parallel": "fsdp", "gpus": n, "nodes": 1, "grad_accum": accum}))
+    return options
 
 
 def _edit_search(shape: ModelShape, s: EditSettings, gpu: Gpu) -> Plan | None:
