@@ -260,7 +260,11 @@ def train_cases() -> list[Case]:
             data("cut.jsonl", QA + b'{"question": "q", "ans'),
             "cut.jsonl:2: not a JSON object",
         ),
-        ("data: a 2 MB record", data("huge.jsonl", QA + huge), "huge.jsonl:2: example is"),
+        (
+            "data: a 2 MB record",
+            data("huge.jsonl", QA + huge),
+            "huge.jsonl:2: record is 2,000,025 characters",
+        ),
         (
             "data: unknown record format",
             data("odd.jsonl", b'{"input_text": "q", "target": "a"}\n'),
@@ -672,13 +676,6 @@ def test_console_script_refuses_bad_input_with_one_line(
     assert_refused(finished, expected, out)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="data.py tokenizes a record whole before checking its length: a 32 MiB record took "
-    "118 s and 14 GiB peak RSS before its exit 2 (a pod is OOM-killed first); owned by the "
-    "HumanEval work, see RELIABILITY.md",
-)
 def test_a_huge_record_is_refused_before_it_is_tokenized(
     jobs: Jobs, inputs: Inputs, tmp_path: Path
 ) -> None:

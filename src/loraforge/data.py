@@ -373,6 +373,7 @@ def tokenize(
     pairs = [
         _render(fmt, record, tokenizer, loc) for record, loc in zip(records, where, strict=True)
     ]
+    _check_characters(pairs, where, tokenizer, max_seq_len)
     prompts = _encode(tokenizer, [prompt for prompt, _ in pairs])
     responses = _encode(tokenizer, [response for _, response in pairs])
     bos, eos = _bos_prefix(tokenizer), _eos_id(tokenizer, source)
@@ -443,6 +444,27 @@ def _example(
     masked = head + prompt
     trained = response + tail
     return Example(masked + trained, [IGNORE_INDEX] * len(masked) + trained)
+
+
+def _check_characters(
+    pairs: Sequence[Pair],
+    where: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+) -> None:
+    """Refuse, before tokenizing, a record that cannot fit: n tokens spell at most n times the
+    longest vocabulary entry's characters (x4 for normalizers that merge characters). Tokenizing
+    a 16 MiB record took minutes and gigabytes before the length check could refuse it."""
+    widest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    limit = 4 * (max_seq_len + 2) * widest
+    for (prompt, response), loc in zip(pairs, where, strict=True):
+        size = len(prompt) + len(response)
+        if size > limit:
+            raise PermanentError(
+                f"{loc}: record is {size:,} characters, more than "
+                f"LORAFORGE_MAX_SEQ_LEN={max_seq_len} tokens of this tokenizer can hold "
+                f"({limit:,} at most): shorten or drop the record"
+            )
 
 
 def _check_lengths(examples: Sequence[Example], where: Sequence[str], max_seq_len: int) -> None:
