@@ -158,6 +158,7 @@ def test_a_run_id_starting_with_a_digit_cannot_name_a_service(tmp_path: Path) ->
 
 def test_trainjob_on_the_torch_runtime() -> None:
     objs = by_kind(render("train", *S3, "--engine", "trainjob", env_file=MULTI))
+    assert by_kind(render("train", *S3, "--engine", "kubeflow", env_file=MULTI)) == objs
     assert set(objs) == {"NetworkPolicy", "TrainJob"}
     tj = objs["TrainJob"]
     assert tj["apiVersion"] == "trainer.kubeflow.org/v1alpha1"

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from loraforge.settings import JobSettings
     from loraforge.sizing import Plan
 
-ENGINES = ("indexed", "trainjob", "pytorchjob")
+ENGINES = ("indexed", "trainjob", "pytorchjob", "kubeflow")  # kubeflow: the current (trainjob)
 RDZV_PORT = 29500  # torchrun's default master port
 # torchrun forwards SIGTERM to its workers and waits this long before SIGKILL; the kubelet kills
 # everything at terminationGracePeriodSeconds, so rank 0's checkpoint must be out before both.
@@ -94,7 +94,8 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ENGINES,
         default=None,
         help="train with LORAFORGE_NODES > 1: an Indexed Job + headless Service (indexed, the "
-        "default), a Kubeflow TrainJob or a Kubeflow PyTorchJob",
+        "default), a Kubeflow Trainer v2 TrainJob (trainjob, or kubeflow) or a Kubeflow "
+        "Training Operator v1 PyTorchJob",
     )
     group.add_argument(
         "--runtime",
@@ -166,6 +167,7 @@ def layout_from(
     if job == "train":
         gpus, nodes = int(getattr(settings, "gpus", 1)), int(getattr(settings, "nodes", 1))
         engine = flag["engine"] or ("indexed" if nodes > 1 else "job")
+        engine = "trainjob" if engine == "kubeflow" else engine
         if engine == "indexed" and nodes == 1:
             engine = "job"  # one pod: the plain Job, no Service needed
         runtime = flag["runtime"] or TRAINER_RUNTIME
