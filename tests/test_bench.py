@@ -53,3 +53,17 @@ def test_bidora_bench_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
     result = bench.main(["--steps", "4", "--seeds", "0", "--n-train", "100"])
     assert math.isfinite(result["step_time_ratio"]) and result["step_time_ratio"] > 0
     assert math.isfinite(result["loss_delta"])
+
+
+def test_scale_bench_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load("scale", monkeypatch)
+    # main asserts every data-parallel adapter equals the one-process one, and the merged
+    # sharded metrics equal the one job's
+    ratios = bench.main(["--steps", "2", "--problems", "10"])
+    assert set(ratios) == {
+        "ddp_vs_1_thread",
+        "ddp_vs_2_threads",
+        "fsdp_vs_1_thread",
+        "sharded_eval_speedup",
+    }
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
