@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from loraforge import checkpoint, distributed, store
-from loraforge.errors import EXIT_PERMANENT, EXIT_TERMINATED
+from loraforge.errors import EXIT_PERMANENT, EXIT_TERMINATED, PermanentError
 from tests.conftest import free_port
 from tests.test_train import FAST, adapter_tensors, spec
 
@@ -202,3 +202,29 @@ def test_fsdp_resumes_a_one_process_checkpoint(tiny_kit, single: Path, tmp_path:
     moved = adapter_tensors(str(tmp_path / "store" / "moved" / "train"))
     for name in one:
         torch.testing.assert_close(moved[name], one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_scale_settings_report_every_problem_at_once() -> None:
+    from loraforge.settings import TrainSettings, load_settings
+
+    env = {
+        "LORAFORGE_BASE_MODEL": "m",
+        "LORAFORGE_DATA": "d.jsonl",
+        "LORAFORGE_GPUS": "4",
+        "LORAFORGE_PARALLEL": "fsdp",
+        "LORAFORGE_QUANTIZATION": "nf4",
+        "LORAFORGE_METHOD": "bidora",
+    }
+    with pytest.raises(PermanentError) as refused:
+        load_settings(TrainSettings, env)
+    message = str(refused.value)
+    assert "LORAFORGE_GRAD_ACCUM=1 is not a multiple of the 4 training processes" in message
+    assert "LORAFORGE_PARALLEL=fsdp with LORAFORGE_QUANTIZATION=nf4" in message
+    assert "LORAFORGE_METHOD=bidora runs in one process" in message
+    assert "\n" not in message
+    settings = load_settings(
+        TrainSettings,
+        {**env, "LORAFORGE_GRAD_ACCUM": "8"}
+        | {"LORAFORGE_QUANTIZATION": "none", "LORAFORGE_METHOD": "dora"},
+    )
+    assert (settings.gpus, settings.parallel, settings.grad_accum) == (4, "fsdp", 8)

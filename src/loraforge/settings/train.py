@@ -183,39 +183,48 @@ class TrainSettings(JobSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
-        world = self.gpus * self.nodes
+        problems = self._scale_problems() + self._method_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _scale_problems(self) -> list[str]:
+        world, problems = self.gpus * self.nodes, []
         if self.grad_accum % world:
-            raise ValueError(
+            problems.append(
                 f"LORAFORGE_GRAD_ACCUM={self.grad_accum} is not a multiple of the "
                 f"{world} training processes (LORAFORGE_GPUS={self.gpus} x LORAFORGE_NODES="
                 f"{self.nodes}): each process takes an equal share of a step's micro-batches; "
                 f"set LORAFORGE_GRAD_ACCUM to a multiple of {world}"
             )
         if self.parallel == "fsdp" and self.quantization in ("nf4", "int8"):
-            raise ValueError(
+            problems.append(
                 f"LORAFORGE_PARALLEL=fsdp with LORAFORGE_QUANTIZATION={self.quantization}: "
                 "FSDP shards full-precision weights; use quantization none (or auto) with fsdp, "
                 "or ddp with the quantized base"
             )
         if world > 1 and self.method == "bidora":
-            raise ValueError(
+            problems.append(
                 "LORAFORGE_METHOD=bidora runs in one process (its hypergradient is not data "
                 "parallel): set LORAFORGE_GPUS=1 and LORAFORGE_NODES=1, or train dora"
             )
+        return problems
+
+    def _method_problems(self) -> list[str]:
+        problems = []
         if any(r < 1 for r in self.rank_pattern.values()):
-            raise ValueError("LORAFORGE_RANK_PATTERN: every rank must be >= 1")
-        if self.method == "bidora":
-            if self.bidora_upper_steps < 1:
-                raise ValueError(
-                    f"LORAFORGE_BIDORA_UPPER_STEPS={self.bidora_upper_steps}: bidora needs at "
-                    "least 1 magnitude step per round (or train LORAFORGE_METHOD=dora)"
-                )
-            if self.val_data is None and self.val_fraction == 0:
-                raise ValueError(
-                    "LORAFORGE_METHOD=bidora trains the magnitude on a validation split: set "
-                    "LORAFORGE_VAL_DATA or LORAFORGE_VAL_FRACTION above 0"
-                )
-        return self
+            problems.append("LORAFORGE_RANK_PATTERN: every rank must be >= 1")
+        if self.method == "bidora" and self.bidora_upper_steps < 1:
+            problems.append(
+                f"LORAFORGE_BIDORA_UPPER_STEPS={self.bidora_upper_steps}: bidora needs at "
+                "least 1 magnitude step per round (or train LORAFORGE_METHOD=dora)"
+            )
+        if self.method == "bidora" and self.val_data is None and self.val_fraction == 0:
+            problems.append(
+                "LORAFORGE_METHOD=bidora trains the magnitude on a validation split: set "
+                "LORAFORGE_VAL_DATA or LORAFORGE_VAL_FRACTION above 0"
+            )
+        return problems
 
     @property
     def checkpoints_uri(self) -> str:
