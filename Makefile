@@ -14,6 +14,7 @@ DEMO_DIR    ?= .loraforge/demo
 .PHONY: docs image setup test test-s3 test-slow test-gpu test-all test-faults demo lint fmt typecheck policy tools clean
 .PHONY: render-examples render-train render-edit render-eval
 .PHONY: submit-train submit-edit submit-eval
+.PHONY: gpu-kit
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -133,3 +134,27 @@ image:
 # Regenerate the README's settings tables and the job specs' comments from the field docs.
 docs: setup
 	$(BIN)/python -m loraforge.settings.spec
+
+# Wheels that the device machine's image lacks (see /work/.library/device/KINDS.md) for its
+# Python 3.12 on manylinux x86_64, at the versions .venv holds (those the CPU suite runs), no
+# dependencies: what the train/edit/eval jobs and the benches import that the image does not
+# ship. bench/gpu_session.sh installs them there. bitsandbytes alone is 41 of the 61 MiB, so it
+# has its own folder: a device call carries [".whl", ".whl-bnb"] (BENCHMARKS.md, issue #11),
+# or ".whl" alone, without nf4.
+GPU_KIT := pydantic pydantic-core pydantic-settings annotated-types typing-inspection \
+	typing-extensions python-dotenv boto3 botocore s3transfer jmespath datasets dill multiprocess
+GPU_KIT_BNB := bitsandbytes
+GPU_KIT_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
+	manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+GPU_KIT_PIP = $(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: \
+	--python-version 3.12 --implementation cp $(addprefix --platform ,$(GPU_KIT_PLATFORMS))
+GPU_KIT_PINS = $(BIN)/python -c 'import sys, importlib.metadata as m; \
+	print(*(n + "==" + m.version(n) for n in sys.argv[1:]))'
+
+gpu-kit: setup
+	rm -rf .whl .whl-bnb
+	$(GPU_KIT_PIP) -d .whl $$($(GPU_KIT_PINS) $(GPU_KIT))
+	$(GPU_KIT_PIP) -d .whl-bnb $$($(GPU_KIT_PINS) $(GPU_KIT_BNB))
+	@ls .whl .whl-bnb
+	@du -b -s .whl .whl-bnb | awk '{ mib = $$1 / 2^20; all += mib; \
+	  printf "%-9s %5.1f MiB\n", $$2, mib } END { printf "total     %5.1f MiB of the 64 MiB a device call carries (with the working tree)\n", all }'

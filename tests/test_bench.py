@@ -9,6 +9,7 @@ returns positive, finite ratios.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -66,4 +67,33 @@ def test_scale_bench_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
         "fsdp_vs_1_thread",
         "sharded_eval_speedup",
     }
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+
+
+def test_estimator_bench_checks_every_cell_on_the_cpu_and_claims_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bench = load("estimator", monkeypatch)
+    out = tmp_path / "estimator.json"
+    argv = ["--grid", "small", "--device", "cpu", "--cpu-seq-len", "32", "--out", str(out)]
+    result = bench.main(argv)
+    # every cell's settings built a trainer and ran a step at the tiny size; predictions are
+    # for the real shapes; without CUDA nothing is measured and no accuracy is claimed
+    saved = json.loads(out.read_text())
+    assert saved["cells"] == result.rows and saved["summary"] == result.summary
+    quantizations = 2 if result.meta["bitsandbytes"] else 1
+    assert len(result.rows) == 16 * quantizations
+    assert {row["status"] for row in result.rows} == {"cpu-check"}
+    assert all(math.isfinite(r["predicted_gib"]) and r["predicted_gib"] > 0 for r in result.rows)
+    assert not any("measured_gib" in row for row in result.rows)
+    assert result.summary["measured"] is False
+
+
+def test_train_vs_hf_bench_runs_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load("train_vs_hf", monkeypatch)
+    # main asserts that loraforge's and HF's first-step losses agree and that both saw the same
+    # tokens; each path trains in a child process
+    argv = "--vocab 1024 --steps 1 --warmup 1 --micro-batch-size 2 --grad-accum 2 --device cpu"
+    ratios = bench.main(argv.split())
+    assert set(ratios) == {"loraforge_over_hf_tokens_per_s", "loraforge_over_hf_peak_memory"}
     assert all(math.isfinite(r) and r > 0 for r in ratios.values())
