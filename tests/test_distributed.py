@@ -190,6 +190,22 @@ def test_fsdp_two_processes_follow_the_one_process_run(
     assert state["param_groups"][0]["params"] == list(range(len(one)))
 
 
+def test_fsdp_trains_dora_as_one_process_does(tiny_kit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    dora = {"LORAFORGE_METHOD": "dora", "LORAFORGE_CHECKPOINT_INTERVAL": "0"}
+    done = _one(_job_env(tiny_kit, tmp_path, "one-dora", **dora))
+    assert done.returncode == 0, done.stderr[-3000:]
+    code, out = _finish(
+        _torchrun(_job_env(tiny_kit, tmp_path, "fsdp-dora", LORAFORGE_PARALLEL="fsdp", **dora))
+    )
+    assert code == 0, out[-3000:]
+    one = adapter_tensors(str(tmp_path / "store" / "one-dora" / "train"))
+    sharded = adapter_tensors(str(tmp_path / "store" / "fsdp-dora" / "train"))
+    assert any("lora_magnitude_vector" in name for name in one)  # DoRA's magnitude, gathered
+    assert one.keys() == sharded.keys()
+    for name in one:
+        torch.testing.assert_close(sharded[name], one[name], rtol=1e-4, atol=1e-5)
+
+
 def test_fsdp_resumes_a_one_process_checkpoint(tiny_kit, single: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     source = single / "store" / "one" / "train-checkpoints" / "step-00000004"
     target = tmp_path / "store" / "moved" / "train-checkpoints" / "step-00000004"
