@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraforge import engines, humaneval, report, store
@@ -42,6 +42,7 @@ from loraforge.gsm8k import cut_at_stop
 from loraforge.runner import run_job
 from loraforge.settings import EvalSettings, load_settings
 from loraforge.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from tests.test_eval import publish_lora
 
 # --- pass@k -------------------------------------------------------------------------------------
 
@@ -510,17 +511,11 @@ FILES = ["loraforge.json", "metrics.json", "pass_at_k.png", "predictions.jsonl",
 SMALL, BIG = "small/train", "big/train"
 
 
-def publish_lora(base: Any, root: Path, name: str, targets: list[str], seed: int) -> str:
+def random_lora(base: Any, root: Path, name: str, targets: list[str], seed: int) -> str:
     """A PEFT LoRA adapter with random B (so it changes the outputs), published under `root`."""
-    torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    for param_name, param in model.named_parameters():
-        if "lora_B" in param_name:
-            torch.nn.init.normal_(param, std=0.2)
-    model.save_pretrained(root / f"src-{name}")
-    uri = str(root / "runs" / name / "train")
-    store.publish(root / f"src-{name}", uri, job="train", run_id=name)
-    return uri
+    return publish_lora(
+        base, root, name, LoraConfig(r=4, lora_alpha=8, target_modules=targets), 0.2, seed
+    )
 
 
 @dataclass
@@ -539,8 +534,8 @@ def world(tiny_kit, tmp_path_factory: pytest.TempPathFactory) -> World:  # type:
     def base() -> Any:
         return AutoModelForCausalLM.from_pretrained(tiny_kit.model_dir, dtype=torch.float32)
 
-    small = publish_lora(base(), root, "small", ["q_proj", "v_proj"], 1)
-    big = publish_lora(base(), root, "big", ["q_proj", "v_proj", "o_proj", "down_proj"], 2)
+    small = random_lora(base(), root, "small", ["q_proj", "v_proj"], 1)
+    big = random_lora(base(), root, "big", ["q_proj", "v_proj", "o_proj", "down_proj"], 2)
     data = write_jsonl(root / "problems.jsonl", PROBLEMS)
     return World(tiny_kit, root, data, small, big)
 
