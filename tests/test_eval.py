@@ -174,14 +174,15 @@ class Run:
     engine_rows: int
 
 
-@pytest.fixture(scope="module")
-def run(world: World) -> Run:
-    """The job, in process, on base + small + big; counting base loads and generated rows."""
-    store_dir = world.root / "store"
+def counted_eval(
+    env: dict[str, str], batch: str
+) -> tuple[int, list[dict[str, Any]], list[str], int]:
+    """The eval job in process under `env`: exit code, JSON log, the paths every model load
+    read and the rows the engine's `batch` function (greedy_batch, sample_batch) generated."""
     loads: list[str] = []
     rows = [0]
     original_load = AutoModelForCausalLM.from_pretrained.__func__  # type: ignore[attr-defined]
-    original_batch = transformers_engine.greedy_batch
+    original_batch = getattr(transformers_engine, batch)
 
     def counting_load(cls: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
         loads.append(str(path))
@@ -192,13 +193,21 @@ def run(world: World) -> Run:
         return original_batch(model, prompts, *args)
 
     stderr = io.StringIO()
-    with job_env(spec(world, store_dir)) as mp:
+    with job_env(env) as mp:
         mp.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting_load))
-        mp.setattr(transformers_engine, "greedy_batch", counting_batch)
+        mp.setattr(transformers_engine, batch, counting_batch)
         with contextlib.redirect_stderr(stderr):
             code = run_job(EvalSettings, eval_job.run)
     log = [json.loads(line) for line in stderr.getvalue().splitlines() if line.startswith("{")]
-    return Run(code, store_dir / "ev" / "eval", log, loads, rows[0])
+    return code, log, loads, rows[0]
+
+
+@pytest.fixture(scope="module")
+def run(world: World) -> Run:
+    """The job, in process, on base + small + big; counting base loads and generated rows."""
+    store_dir = world.root / "store"
+    code, log, loads, rows = counted_eval(spec(world, store_dir), "greedy_batch")
+    return Run(code, store_dir / "ev" / "eval", log, loads, rows)
 
 
 def test_publishes_exactly_the_eval_files(run: Run) -> None:

@@ -9,8 +9,6 @@ so the completion lands inside a string; one problem's check then holds and one'
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import sys
@@ -30,7 +28,7 @@ from loraforge import engines, humaneval, report, store
 from loraforge import eval as eval_job
 from loraforge.adapters import Adapter
 from loraforge.data import detect_format, tokenize
-from loraforge.engines import Decoding, transformers_engine, vllm_engine
+from loraforge.engines import Decoding, vllm_engine
 from loraforge.engines.transformers_engine import (
     Stops,
     TransformersEngine,
@@ -42,7 +40,7 @@ from loraforge.gsm8k import cut_at_stop
 from loraforge.runner import run_job
 from loraforge.settings import EvalSettings, load_settings
 from loraforge.stats import mcnemar_exact, paired_bootstrap, wilson_interval
-from tests.test_eval import publish_lora
+from tests.test_eval import counted_eval, publish_lora
 
 # --- pass@k -------------------------------------------------------------------------------------
 
@@ -573,29 +571,8 @@ class Run:
 @pytest.fixture(scope="module")
 def run(world: World) -> Run:
     """The job in process on base + small + big, counting base loads and sampled rows."""
-    loads: list[str] = []
-    rows = [0]
-    original_load = AutoModelForCausalLM.from_pretrained.__func__  # type: ignore[attr-defined]
-    original_batch = transformers_engine.sample_batch
-
-    def counting_load(cls: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
-        loads.append(str(path))
-        return original_load(cls, path, *args, **kwargs)
-
-    def counting_batch(model: Any, prompts: Any, *args: Any) -> Any:
-        rows[0] += len(prompts)
-        return original_batch(model, prompts, *args)
-
-    stderr = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in spec(world, world.root / "store").items():
-            mp.setenv(name, value)
-        mp.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting_load))
-        mp.setattr(transformers_engine, "sample_batch", counting_batch)
-        with contextlib.redirect_stderr(stderr):
-            code = run_job(EvalSettings, eval_job.run)
-    log = [json.loads(line) for line in stderr.getvalue().splitlines() if line.startswith("{")]
-    return Run(code, world.root / "store/he/eval", log, loads, rows[0])
+    code, log, loads, rows = counted_eval(spec(world, world.root / "store"), "sample_batch")
+    return Run(code, world.root / "store/he/eval", log, loads, rows)
 
 
 def predictions(run: Run) -> list[dict[str, Any]]:
